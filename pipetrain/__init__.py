@@ -1,0 +1,1 @@
+"""pipetrain: pipeline-parallel training for PyTorch on torch.distributed.rpc."""

@@ -1,0 +1,119 @@
+"""The typed configuration schema of a pipetrain run.
+
+Hydra composes ``conf/train.yaml`` (plus overrides) on top of :class:`TrainConfig`, which is registered
+in Hydra's ConfigStore as ``train_schema``; struct mode makes a misspelled key an error. The entry points
+turn the composed ``DictConfig`` into these dataclasses (:func:`to_train_config`); everything else in
+pipetrain works on the dataclasses only.
+
+``model``, ``data`` and ``optim`` are *target specs*: a ``_target_`` (dotted path of a callable) plus its
+keyword arguments, so any importable callable can be plugged in from the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "PipelineConfig",
+    "ScheduleConfig",
+    "TrainLoopConfig",
+    "LogConfig",
+    "RpcConfig",
+    "CheckpointConfig",
+    "TrainConfig",
+    "register_schema",
+]
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """How the model is cut into stages and the batch into micro-batches."""
+
+    stages: list[list[str]] | None = None
+    """The units each stage owns, in forward order, e.g. ``[[layers.0, layers.1], [layers.2, head]]``."""
+    balance: list[int] | None = None
+    """How many consecutive units each stage takes, e.g. ``[3, 3]``. Exactly one of stages / balance."""
+    num_microbatches: int = 4
+    """Micro-batches per batch; ``train.batch_size`` must be divisible by it."""
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Which pipeline schedule orders the forward and backward actions."""
+
+    name: str = "gpipe"
+    """A name known to :func:`pipetrain.schedule.build_schedule`: ``gpipe`` or ``1f1b``."""
+
+
+@dataclass(kw_only=True)
+class TrainLoopConfig:
+    """The training loop."""
+
+    steps: int = 100
+    """Optimizer steps to run."""
+    batch_size: int = 64
+    """Samples per optimizer step (split into ``pipeline.num_microbatches`` micro-batches)."""
+    log_every: int = 10
+    """Steps between logged figures (TensorBoard, metrics.jsonl, progress line)."""
+    loss: str = "cross_entropy"
+    """Loss computed by the last stage: ``cross_entropy`` or ``mse`` (mean over the batch)."""
+    stop_on_nan: bool = True
+    """Stop the run when a micro-batch loss is NaN or infinite."""
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    """Run-directory outputs beyond the per-step scalars."""
+
+    trace_every: int = 0
+    """Write a Chrome trace of one step every this many steps (``0``: only the last step)."""
+
+
+@dataclass(kw_only=True)
+class RpcConfig:
+    """The RPC transport between driver and stage workers."""
+
+    timeout_s: float = 60.0
+    """Seconds an RPC may take before the driver declares its stage stuck and stops the run."""
+    num_worker_threads: int = 16
+    """TensorPipe RPC thread-pool size on every process."""
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Per-stage checkpoints."""
+
+    every: int = 0
+    """Save every this many steps (``0``: only at the end of the run)."""
+    resume: str | None = None
+    """A ``checkpoints/`` or ``checkpoints/step_<N>`` directory to continue from."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The whole run: what ``python -m pipetrain.train`` and ``pipetrain.worker`` compose."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    """Target spec of a callable returning the ``nn.Module``; ``init`` optionally names a full state dict."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Target spec of a callable returning a map-style dataset of ``(input, target)`` pairs."""
+    optim: dict[str, Any] = field(default_factory=dict)
+    """Target spec (with ``_partial_: true``) of an optimizer class; each stage owns one."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    rpc: RpcConfig = field(default_factory=RpcConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    """Seeds model initialisation and data order; every process uses the same seed."""
+    device: str = "auto"
+    """``auto`` (each stage on its own GPU when CUDA is there, else CPU), ``cpu`` or ``cuda``."""
+
+
+def register_schema() -> None:
+    """Register :class:`TrainConfig` as ``train_schema`` in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,131 @@
+"""Run a schedule over stage handles: the only place where action ordering and dependencies live.
+
+Rules (the same the simulator in :mod:`pipetrain.schedule` uses): each stage runs its actions one at a
+time in schedule order; ``F(s, mb)`` consumes the output of ``F(s-1, mb)``; ``B(s, mb)`` consumes the
+input gradient produced by ``B(s+1, mb)``. The executor issues an action once the stage's previous action
+is issued and the action it consumes is issued (its output *reference* exists); the stage itself waits
+for the value. In-process handles run each action on issue, which this order makes correct.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pipetrain.schedule import Action, ActionKind, Schedule
+from pipetrain.transport.handle import StageHandle
+
+__all__ = ["StageFailure", "input_dependency", "execute", "wait_all"]
+
+
+class StageFailure(RuntimeError):
+    """An action (or optimizer step) failed on a stage; the message names the stage and the action."""
+
+    def __init__(self, label: str, what: str, cause: BaseException | str) -> None:
+        super().__init__(f"{label} failed during {what}: {cause}")
+        self.label = label
+        self.what = what
+        self.cause = cause
+
+
+def input_dependency(action: Action, num_stages: int) -> Action | None:
+    """The action whose output ``action`` consumes, or ``None`` when it comes from the driver / the loss."""
+    if action.kind == ActionKind.FORWARD:
+        if action.stage_idx == 0:
+            return None
+        return Action(action.stage_idx - 1, ActionKind.FORWARD, action.mb_idx)
+    if action.stage_idx == num_stages - 1:
+        return None
+    return Action(action.stage_idx + 1, ActionKind.BACKWARD, action.mb_idx)
+
+
+def execute(
+    schedule: Schedule,
+    handles: Sequence[StageHandle],
+    inputs: Sequence[Any],
+    targets: Sequence[Any],
+    timeout_s: float | None = None,
+) -> None:
+    """Run every action of ``schedule`` and wait until all are done.
+
+    ``inputs[mb]`` goes to stage 0's forward of micro-batch ``mb``, ``targets[mb]`` to the last stage's.
+    Raises :class:`StageFailure` for the first action to fail, or when ``timeout_s`` passes first.
+    """
+    num_stages = len(handles)
+    outputs: dict[Action, Any] = {}
+    cursors = [0] * num_stages
+    in_flight: list[tuple[Action, torch.futures.Future]] = []
+    remaining = sum(len(actions) for actions in schedule.values())
+    while remaining:
+        progressed = False
+        for stage_idx in range(num_stages):
+            actions = schedule[stage_idx]
+            while cursors[stage_idx] < len(actions):
+                action = actions[cursors[stage_idx]]
+                dependency = input_dependency(action, num_stages)
+                if dependency is not None and dependency not in outputs:
+                    break
+                if action.kind == ActionKind.FORWARD and stage_idx == 0:
+                    input_ref = inputs[action.mb_idx]
+                else:
+                    input_ref = outputs.pop(dependency) if dependency is not None else None
+                is_loss_forward = action.kind == ActionKind.FORWARD and stage_idx == num_stages - 1
+                target = targets[action.mb_idx] if is_loss_forward else None
+                issued = handles[stage_idx].issue(action, input_ref, target)
+                outputs[action] = issued.output
+                in_flight.append((action, issued.done))
+                cursors[stage_idx] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            stuck = [str(schedule[s][cursors[s]]) for s in range(num_stages) if cursors[s] < len(schedule[s])]
+            raise RuntimeError(f"schedule cannot make progress; stuck at actions {stuck}")
+    wait_all(
+        [(handles[action.stage_idx].label, f"action {action}", done) for action, done in in_flight],
+        timeout_s,
+    )
+
+
+def wait_all(
+    pending: Sequence[tuple[str, str, torch.futures.Future]], timeout_s: float | None = None
+) -> list[Any]:
+    """Wait for every ``(label, what, future)``; return their values in order.
+
+    Raises :class:`StageFailure` for the first future to fail (the root cause: work that depends on a
+    failed action fails after it), or for the earliest unfinished one when ``timeout_s`` passes.
+    """
+    finished = threading.Event()
+    lock = threading.Lock()
+    state: dict[str, Any] = {"left": len(pending), "first_error": None}
+
+    def _on_done(index: int, future: torch.futures.Future) -> None:
+        error = None
+        try:
+            future.value()
+        except BaseException as exc:  # noqa: BLE001 - reported to the waiting driver
+            error = exc
+        with lock:
+            state["left"] -= 1
+            if error is not None and state["first_error"] is None:
+                state["first_error"] = (index, error)
+            if error is not None or state["left"] == 0:
+                finished.set()
+
+    for index, (_, _, future) in enumerate(pending):
+        future.add_done_callback(lambda fut, index=index: _on_done(index, fut))
+    if not pending:
+        finished.set()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    if not finished.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0)):
+        index = next(i for i, (_, _, future) in enumerate(pending) if not future.done())
+        label, what, _ = pending[index]
+        raise StageFailure(label, what, f"no answer within {timeout_s:g} s (rpc.timeout_s)")
+    if state["first_error"] is not None:
+        index, error = state["first_error"]
+        label, what, _ = pending[index]
+        raise StageFailure(label, what, error) from error
+    return [future.value() for _, _, future in pending]

@@ -1,0 +1,247 @@
+"""Per-step training metrics: busy/idle/transfer figures, bubble fractions, and their logging.
+
+The driver collects one :class:`~pipetrain.timings.StageReport` per stage each step and turns
+them into a :class:`StepMetrics` with :func:`step_metrics`: the measured bubble fraction of the
+step next to what the schedule simulator predicts, once with unit costs and once with the
+per-stage forward/backward times measured in that step. :class:`MetricsLogger` writes those
+metrics to TensorBoard (``run_dir/tb/``) and to ``run_dir/metrics.jsonl``; it is the only place
+in pipetrain that creates a :class:`~torch.utils.tensorboard.SummaryWriter`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from torch.utils.tensorboard import SummaryWriter
+
+from pipetrain.schedule import Action, ActionKind, Schedule, StageCosts, simulate
+from pipetrain.timings import SpanCategory, StageReport
+from pipetrain.trace import write_chrome_trace
+
+__all__ = [
+    "StageFigures",
+    "StepMetrics",
+    "stage_figures",
+    "measured_bubble_fraction",
+    "measured_costs",
+    "step_metrics",
+    "format_progress",
+    "MetricsLogger",
+    "write_chrome_trace",
+]
+
+
+@dataclass(frozen=True)
+class StageFigures:
+    """How one stage spent the step's schedule window, in seconds."""
+
+    busy_s: float
+    """Total time running forward/backward actions (COMPUTE spans)."""
+    idle_s: float
+    """Window time not spent computing: ``max(window - busy, 0)``."""
+    transfer_s: float
+    """Total time moving inputs from other stages (TRANSFER spans)."""
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """Everything logged for one training step."""
+
+    step: int
+    loss: float
+    samples_per_sec: float
+    step_time_s: float
+    bubble_fraction: float
+    """Measured: idle over idle + busy, summed over stages."""
+    bubble_fraction_predicted: float
+    """Simulated bubble of the schedule with unit forward/backward costs."""
+    bubble_fraction_predicted_measured_costs: float
+    """Simulated bubble of the schedule with this step's measured mean compute times."""
+    stages: tuple[StageFigures, ...]
+
+    def scalars(self) -> dict[str, float]:
+        """The tag -> value mapping written to TensorBoard and ``metrics.jsonl``."""
+        scalars = {
+            "train/loss": float(self.loss),
+            "perf/samples_per_sec": float(self.samples_per_sec),
+            "perf/step_time_s": float(self.step_time_s),
+            "pipeline/bubble_fraction": float(self.bubble_fraction),
+            "pipeline/bubble_fraction_predicted": float(self.bubble_fraction_predicted),
+            "pipeline/bubble_fraction_predicted_measured_costs": float(
+                self.bubble_fraction_predicted_measured_costs
+            ),
+        }
+        for k, figures in enumerate(self.stages):
+            scalars[f"stage{k}/busy_s"] = float(figures.busy_s)
+            scalars[f"stage{k}/idle_s"] = float(figures.idle_s)
+            scalars[f"stage{k}/transfer_s"] = float(figures.transfer_s)
+        return scalars
+
+
+def _by_stage(reports: Sequence[StageReport]) -> list[StageReport]:
+    return sorted(reports, key=lambda report: report.stage_idx)
+
+
+def stage_figures(reports: Sequence[StageReport], window_s: float) -> tuple[StageFigures, ...]:
+    """Busy, idle and transfer seconds of each stage (ordered by stage index).
+
+    ``window_s`` is the wall time of the schedule's execution, from the driver issuing the first
+    action to the last action completing; a stage is idle for the part of it it did not compute.
+    """
+    figures = []
+    for report in _by_stage(reports):
+        busy = report.total(SpanCategory.COMPUTE)
+        transfer = report.total(SpanCategory.TRANSFER)
+        figures.append(StageFigures(busy_s=busy, idle_s=max(window_s - busy, 0.0), transfer_s=transfer))
+    return tuple(figures)
+
+
+def measured_bubble_fraction(figures: Sequence[StageFigures]) -> float:
+    """Fraction of the stages' window time spent idle: ``sum(idle) / sum(idle + busy)``.
+
+    Returns 0.0 when there is no time at all.
+    """
+    idle = sum(f.idle_s for f in figures)
+    total = idle + sum(f.busy_s for f in figures)
+    return idle / total if total > 0 else 0.0
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def measured_costs(reports: Sequence[StageReport]) -> StageCosts:
+    """Per-stage mean duration of the forward and of the backward COMPUTE spans.
+
+    Span names are parsed as actions (``"1F3"``); a stage without spans of a kind gets 0.0.
+    """
+    forward: list[float] = []
+    backward: list[float] = []
+    for report in _by_stage(reports):
+        durations: dict[ActionKind, list[float]] = {ActionKind.FORWARD: [], ActionKind.BACKWARD: []}
+        for span in report.spans:
+            if span.category == SpanCategory.COMPUTE:
+                durations[Action.parse(span.name).kind].append(span.duration)
+        forward.append(_mean(durations[ActionKind.FORWARD]))
+        backward.append(_mean(durations[ActionKind.BACKWARD]))
+    return StageCosts(forward=tuple(forward), backward=tuple(backward))
+
+
+def step_metrics(
+    step: int,
+    loss: float,
+    batch_size: int,
+    step_time_s: float,
+    window_s: float,
+    reports: Sequence[StageReport],
+    schedule: Schedule,
+) -> StepMetrics:
+    """Assemble the :class:`StepMetrics` of one step from the stages' reports.
+
+    ``step_time_s`` is the whole step (including the optimizer) and gives the throughput;
+    ``window_s`` is the schedule's execution window (see :func:`stage_figures`).
+    """
+    figures = stage_figures(reports, window_s)
+    return StepMetrics(
+        step=step,
+        loss=float(loss),
+        samples_per_sec=batch_size / step_time_s if step_time_s > 0 else 0.0,
+        step_time_s=float(step_time_s),
+        bubble_fraction=measured_bubble_fraction(figures),
+        bubble_fraction_predicted=simulate(schedule).bubble_fraction,
+        bubble_fraction_predicted_measured_costs=simulate(schedule, measured_costs(reports)).bubble_fraction,
+        stages=figures,
+    )
+
+
+def format_progress(metrics: StepMetrics, total_steps: int) -> str:
+    """One progress line, e.g.::
+
+        step   10/100  loss 1.2345  1234.5 samples/s  bubble 0.21 (predicted 0.20)
+
+    The bubble shown is the measured one; ``predicted`` is the simulator's with unit costs.
+    """
+    width = max(4, len(str(total_steps)))
+    return (
+        f"step {metrics.step:>{width}d}/{total_steps}  loss {metrics.loss:.4f}  "
+        f"{metrics.samples_per_sec:.1f} samples/s  "
+        f"bubble {metrics.bubble_fraction:.2f} (predicted {metrics.bubble_fraction_predicted:.2f})"
+    )
+
+
+def _hparam_value(value: object) -> float | int | str | bool:
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class MetricsLogger:
+    """Writes step metrics to TensorBoard (``run_dir/tb/``) and ``run_dir/metrics.jsonl``.
+
+    Usable as a context manager; :meth:`close` flushes and closes both outputs.
+    """
+
+    def __init__(self, run_dir: Path | str) -> None:
+        self.run_dir = Path(run_dir)
+        self.tb_dir = self.run_dir / "tb"
+        self.tb_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.run_dir / "metrics.jsonl"
+        self._writer: SummaryWriter | None = SummaryWriter(log_dir=str(self.tb_dir))
+        self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
+
+    def _require_open(self) -> SummaryWriter:
+        if self._writer is None:
+            raise RuntimeError("MetricsLogger is closed")
+        return self._writer
+
+    def log_step(self, metrics: StepMetrics) -> None:
+        """Write every scalar of ``metrics`` at ``global_step=metrics.step`` and one JSON line."""
+        writer = self._require_open()
+        scalars = metrics.scalars()
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, global_step=metrics.step)
+        writer.flush()
+        self._jsonl.write(json.dumps({"step": metrics.step, **scalars}) + "\n")
+        self._jsonl.flush()
+
+    def log_hparams(self, hparams: dict[str, float | int | str | bool], final: dict[str, float]) -> None:
+        """Record the run's hyper-parameters and final metrics in TensorBoard's hparams view.
+
+        Values that are not bool/int/float/str are stored as their ``str``; each final metric
+        ``k`` is logged as ``hparam/k``. The records go to ``run_dir/tb/`` itself, so one
+        TensorBoard over a sweep's run directories shows the runs as one table.
+        """
+        writer = self._require_open()
+        hparam_dict = {str(k): _hparam_value(v) for k, v in hparams.items()}
+        metric_dict = {"hparam/" + str(k): float(v) for k, v in final.items()}
+        writer.add_hparams(hparam_dict, metric_dict, run_name=".")
+        writer.flush()
+
+    def write_trace(self, step: int, reports: Sequence[StageReport], path: Path | str | None = None) -> Path:
+        """Write the step's spans as a Chrome trace (default ``run_dir/traces/step{step}.json``)."""
+        target = Path(path) if path is not None else self.run_dir / "traces" / f"step{step:06d}.json"
+        write_chrome_trace(target, reports, metadata={"step": step})
+        return target
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer and the JSONL file (idempotent)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not self._jsonl.closed:
+            self._jsonl.close()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

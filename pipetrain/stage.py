@@ -1,0 +1,145 @@
+"""One stage of the pipeline on one device: forward and backward per micro-batch, its own optimizer.
+
+A :class:`Stage` keeps, for every micro-batch it has run forward and not yet backward, the input it
+received (as a leaf that requires grad) and the output it produced (the scaled loss on the last stage).
+``backward(mb, grad_output)`` runs autograd from that output and returns the gradient of the input, so
+gradients of all micro-batches accumulate in ``.grad`` and one ``step()`` equals one optimizer step on the
+whole batch. The stage knows nothing about transports or schedules: the caller orders the actions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from pipetrain.losses import LossFn
+from pipetrain.schedule import Action, ActionKind
+from pipetrain.timings import Span, SpanCategory, StageReport
+
+__all__ = ["OptimizerFactory", "Stage"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Stage:
+    """Stage ``stage_idx`` of ``num_stages``, holding ``module`` on ``device``.
+
+    Args:
+        module: the stage's units (moved to ``device``).
+        optimizer_factory: called with the stage's parameters, e.g. ``partial(torch.optim.SGD, lr=0.1)``.
+        loss_fn: the loss, used by the last stage only.
+        loss_scale: factor on each micro-batch loss, ``1 / num_microbatches``, so the micro-batch losses
+            sum to the batch's mean loss and accumulated gradients equal the whole batch's.
+        stop_on_nan: raise ``FloatingPointError`` when a micro-batch loss is not finite.
+    """
+
+    def __init__(
+        self,
+        stage_idx: int,
+        num_stages: int,
+        module: nn.Module,
+        device: torch.device,
+        optimizer_factory: OptimizerFactory,
+        loss_fn: LossFn,
+        loss_scale: float,
+        stop_on_nan: bool = True,
+    ) -> None:
+        self.stage_idx = stage_idx
+        self.num_stages = num_stages
+        self.device = torch.device(device)
+        self.module = module.to(self.device)
+        self.optimizer = optimizer_factory(self.module.parameters())
+        self._loss_fn = loss_fn
+        self._loss_scale = loss_scale
+        self._stop_on_nan = stop_on_nan
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._losses: dict[int, float] = {}
+        self._spans: list[Span] = []
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this stage computes the loss."""
+        return self.stage_idx == self.num_stages - 1
+
+    def forward(self, mb_idx: int, inputs: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+        """Run micro-batch ``mb_idx`` forward; return the (detached) output, or the loss on the last stage."""
+        if mb_idx in self._outputs:
+            raise RuntimeError(f"stage {self.stage_idx}: micro-batch {mb_idx} was already run forward")
+        if self.is_last and target is None:
+            raise RuntimeError(
+                f"stage {self.stage_idx}: the last stage needs the target of micro-batch {mb_idx}"
+            )
+        start = time.time()
+        x = inputs.to(self.device, non_blocking=True)
+        if self.stage_idx > 0 and x.is_floating_point():
+            x = x.detach().requires_grad_(True)
+        output = self.module(x)
+        if self.is_last:
+            loss = self._loss_fn(output, target.to(self.device, non_blocking=True)) * self._loss_scale
+            loss_value = loss.item()
+            if self._stop_on_nan and not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"stage {self.stage_idx}: loss of micro-batch {mb_idx} is {loss_value}; "
+                    "lower optim.lr or set train.stop_on_nan=false to continue anyway"
+                )
+            self._losses[mb_idx] = loss_value
+            output = loss
+        self._inputs[mb_idx] = x
+        self._outputs[mb_idx] = output
+        self._record(Action(self.stage_idx, ActionKind.FORWARD, mb_idx), start)
+        return output.detach()
+
+    def backward(self, mb_idx: int, grad_output: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run micro-batch ``mb_idx`` backward; return the gradient of its input (``None`` on stage 0)."""
+        if mb_idx not in self._outputs:
+            raise RuntimeError(f"stage {self.stage_idx}: backward of micro-batch {mb_idx} before its forward")
+        if not self.is_last and grad_output is None:
+            raise RuntimeError(f"stage {self.stage_idx}: backward of micro-batch {mb_idx} needs a gradient")
+        start = time.time()
+        output = self._outputs.pop(mb_idx)
+        x = self._inputs.pop(mb_idx)
+        grad = None if self.is_last else grad_output.to(self.device, non_blocking=True)
+        if output.requires_grad:
+            torch.autograd.backward(output, grad)
+        grad_input = x.grad if x.requires_grad else None
+        self._record(Action(self.stage_idx, ActionKind.BACKWARD, mb_idx), start)
+        return grad_input
+
+    def step(self) -> StageReport:
+        """Step the optimizer on the accumulated gradients, reset them, and report the step's figures."""
+        if self._outputs:
+            raise RuntimeError(
+                f"stage {self.stage_idx}: optimizer step with micro-batches {sorted(self._outputs)} "
+                "still waiting for backward"
+            )
+        start = time.time()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._spans.append(Span(self.stage_idx, SpanCategory.OPTIMIZER, "step", start, time.time()))
+        peak_memory = None
+        if self.device.type == "cuda":
+            peak_memory = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        report = StageReport(
+            stage_idx=self.stage_idx,
+            spans=tuple(self._spans),
+            losses=tuple(self._losses[mb] for mb in sorted(self._losses)),
+            peak_memory_bytes=peak_memory,
+        )
+        self._spans.clear()
+        self._losses.clear()
+        return report
+
+    def record_span(self, category: SpanCategory, name: str, start: float, end: float) -> None:
+        """Record time a transport spent on this stage's behalf (waiting for or moving inputs)."""
+        self._spans.append(Span(self.stage_idx, category, name, start, end))
+
+    def _record(self, action: Action, start: float) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._spans.append(Span(self.stage_idx, SpanCategory.COMPUTE, str(action), start, time.time()))

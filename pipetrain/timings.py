@@ -1,0 +1,59 @@
+"""What a stage measured during one step: wall-clock spans, losses, memory.
+
+Stages record every interval of their time as a :class:`Span` on their own wall clock
+(``time.time()``); the driver turns a step's :class:`StageReport` list into busy, idle and
+transfer figures (see :mod:`pipetrain.metrics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["SpanCategory", "Span", "StageReport"]
+
+
+class SpanCategory(str, Enum):
+    """What a stage was doing during a span."""
+
+    COMPUTE = "compute"
+    """Running a forward or backward action (the only category that counts as busy)."""
+    WAIT = "wait"
+    """Ready to run its next action but waiting for that action's input to be produced."""
+    TRANSFER = "transfer"
+    """Moving an input tensor from the stage that produced it (after it was produced)."""
+    OPTIMIZER = "optimizer"
+    """Stepping the stage's optimizer (after all actions of the step)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """One interval of one stage's time, in seconds on that stage's wall clock."""
+
+    stage_idx: int
+    category: SpanCategory
+    name: str
+    """The action in text form (``"1F3"``), or ``"step"`` for the optimizer."""
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        """Length of the span in seconds."""
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """Everything one stage reports to the driver at the end of a step."""
+
+    stage_idx: int
+    spans: tuple[Span, ...]
+    losses: tuple[float, ...] = ()
+    """Per micro-batch loss contributions (last stage only); they sum to the batch's mean loss."""
+    peak_memory_bytes: int | None = None
+    """Peak device memory of the step, where the device reports it (CUDA)."""
+
+    def total(self, category: SpanCategory) -> float:
+        """Total seconds spent in ``category``."""
+        return sum(span.duration for span in self.spans if span.category == category)

@@ -1,0 +1,100 @@
+"""Chrome Trace Event Format export of a step's stage spans.
+
+The file opens in Perfetto (https://ui.perfetto.dev) and ``chrome://tracing``: every stage is
+one process (``pid`` = stage index) and every :class:`~pipetrain.timings.SpanCategory` one
+thread of it, so compute, waits, transfers and the optimizer step of a stage show as separate
+lanes. Times are microseconds relative to an origin (by default the earliest span start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipetrain.timings import SpanCategory, StageReport
+
+__all__ = ["CATEGORY_TIDS", "chrome_trace_events", "write_chrome_trace"]
+
+CATEGORY_TIDS: dict[SpanCategory, int] = {category: tid for tid, category in enumerate(SpanCategory)}
+"""Thread id of each span category inside a stage's process (fixed across stages and steps)."""
+
+_US_PER_S = 1e6
+
+
+def _metadata_event(name: str, pid: int, args: dict[str, Any], tid: int = 0) -> dict[str, Any]:
+    return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
+
+
+def _default_origin(reports: Sequence[StageReport]) -> float:
+    starts = [span.start for report in reports for span in report.spans]
+    return min(starts) if starts else 0.0
+
+
+def chrome_trace_events(reports: Sequence[StageReport], origin: float | None = None) -> list[dict[str, Any]]:
+    """The trace events of ``reports``: metadata events first, then one ``"X"`` event per span.
+
+    ``origin`` is the wall-clock time (seconds) that maps to ``ts == 0``; it defaults to the
+    earliest span start over all reports.
+    """
+    if origin is None:
+        origin = _default_origin(reports)
+    events: list[dict[str, Any]] = []
+    for report in sorted(reports, key=lambda r: r.stage_idx):
+        pid = report.stage_idx
+        events.append(_metadata_event("process_name", pid, {"name": f"stage {pid}"}))
+        events.append(_metadata_event("process_sort_index", pid, {"sort_index": pid}))
+        for category, tid in CATEGORY_TIDS.items():
+            events.append(_metadata_event("thread_name", pid, {"name": category.value}, tid))
+            events.append(_metadata_event("thread_sort_index", pid, {"sort_index": tid}, tid))
+    for report in reports:
+        for span in report.spans:
+            events.append(
+                {
+                    "name": span.name,
+                    "cat": SpanCategory(span.category).value,
+                    "ph": "X",
+                    "pid": report.stage_idx,
+                    "tid": CATEGORY_TIDS[SpanCategory(span.category)],
+                    "ts": (span.start - origin) * _US_PER_S,
+                    "dur": max(span.duration, 0.0) * _US_PER_S,
+                }
+            )
+    return events
+
+
+def write_chrome_trace(
+    path: Path | str,
+    reports: Sequence[StageReport],
+    origin: float | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``reports`` as a Chrome Trace Event Format JSON file at ``path``, atomically.
+
+    The document is ``{"traceEvents": [...], "displayTimeUnit": "ms"}`` (plus ``"otherData"``
+    when ``metadata`` is given). It is written to a temporary file in the same directory and
+    moved into place with :func:`os.replace`, so readers never see a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {
+        "traceEvents": chrome_trace_events(reports, origin),
+        "displayTimeUnit": "ms",
+    }
+    if metadata:
+        document["otherData"] = dict(metadata)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            json.dump(document, tmp)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
