@@ -58,6 +58,7 @@ def build_schedule(name: str, num_stages: int, num_microbatches: int) -> Schedul
     if builder is None:
         known = ", ".join(sorted(SCHEDULE_BUILDERS))
         raise ValueError(
-            f"unknown schedule {name!r} (config key `schedule`); known schedules: {known}; pick one with schedule=<name>"
+            f"unknown schedule {name!r} (config key `schedule`); known schedules: {known}; "
+            "pick one with schedule=<name>"
         )
     return builder(num_stages, num_microbatches)

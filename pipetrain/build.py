@@ -1,0 +1,99 @@
+"""Config -> objects: the model, the stage plan, the stages, the schedule and the dataset.
+
+Every process of a run builds the same full model from the same seed (and ``model.init``), then keeps
+only its own stage, so all stages start from exactly the weights the unsplit model would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipetrain.config import TrainConfig
+from pipetrain.losses import get_loss
+from pipetrain.models import model_units
+from pipetrain.partition import StagePlan, partition, plan_stages
+from pipetrain.schedule import Schedule, build_schedule
+from pipetrain.stage import Stage
+from pipetrain.targets import call_target
+
+__all__ = [
+    "MODEL_SPEC_EXTRAS",
+    "build_model",
+    "build_plan",
+    "build_schedule_for",
+    "build_dataset",
+    "stage_device",
+    "build_stage",
+    "build_stages",
+]
+
+MODEL_SPEC_EXTRAS = ("init",)
+"""Keys of the ``model`` spec that pipetrain reads itself instead of passing to the builder."""
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The full model, initialised from ``cfg.seed`` and then from ``model.init`` when set."""
+    torch.manual_seed(cfg.seed)
+    model = call_target(cfg.model, "model", skip=MODEL_SPEC_EXTRAS)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model._target_: {cfg.model['_target_']} returned {type(model).__name__}, not an nn.Module"
+        )
+    init_path = cfg.model.get("init")
+    if init_path:
+        state = torch.load(init_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+def build_plan(cfg: TrainConfig, model: nn.Module) -> StagePlan:
+    """Check ``pipeline.stages`` / ``pipeline.balance`` against the model's units."""
+    names = [name for name, _ in model_units(model)]
+    return plan_stages(names, stages=cfg.pipeline.stages, balance=cfg.pipeline.balance)
+
+
+def build_schedule_for(cfg: TrainConfig, num_stages: int) -> Schedule:
+    """The schedule named by ``schedule.name`` for this run."""
+    return build_schedule(cfg.schedule.name, num_stages, cfg.pipeline.num_microbatches)
+
+
+def build_dataset(cfg: TrainConfig) -> Dataset:
+    """The training dataset named by ``data``."""
+    return call_target(cfg.data, "data")
+
+
+def stage_device(cfg: TrainConfig, stage_idx: int, local_rank: int | None = None) -> torch.device:
+    """Where stage ``stage_idx`` runs: its own GPU (``local_rank - 1`` on its node) or the CPU."""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    gpu_idx = (stage_idx if local_rank is None else local_rank - 1) % torch.cuda.device_count()
+    return torch.device("cuda", gpu_idx)
+
+
+def build_stage(
+    cfg: TrainConfig, model: nn.Module, plan: StagePlan, stage_idx: int, device: torch.device
+) -> Stage:
+    """Stage ``stage_idx`` of ``plan``, cut from ``model``, with its own optimizer."""
+    module = partition(model, plan)[stage_idx]
+    return Stage(
+        stage_idx=stage_idx,
+        num_stages=plan.num_stages,
+        module=module,
+        device=device,
+        optimizer_factory=call_target(cfg.optim, "optim"),
+        loss_fn=get_loss(cfg.train.loss),
+        loss_scale=1.0 / cfg.pipeline.num_microbatches,
+        stop_on_nan=cfg.train.stop_on_nan,
+    )
+
+
+def build_stages(cfg: TrainConfig, devices: Sequence[torch.device] | None = None) -> list[Stage]:
+    """All stages in this process (the in-process pipeline)."""
+    model = build_model(cfg)
+    plan = build_plan(cfg, model)
+    devices = devices or [stage_device(cfg, idx) for idx in range(plan.num_stages)]
+    return [build_stage(cfg, model, plan, idx, devices[idx]) for idx in range(plan.num_stages)]

@@ -1,0 +1,157 @@
+"""The driver: data -> micro-batches -> executor -> optimizer steps -> metrics.
+
+It works on :class:`~pipetrain.transport.handle.StageHandle`s, so the same loop drives stages in this
+process (tests, debugging) and stage workers over RPC.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipetrain.config import TrainConfig
+from pipetrain.data import BatchOrder
+from pipetrain.executor import execute, wait_all
+from pipetrain.metrics import MetricsLogger, format_progress, step_metrics
+from pipetrain.schedule import Schedule
+from pipetrain.timings import StageReport
+from pipetrain.transport.handle import StageHandle
+
+__all__ = ["StepResult", "split_microbatches", "run_step", "Driver"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step produced."""
+
+    loss: float
+    """Mean loss over the batch (sum of the micro-batch contributions)."""
+    reports: tuple[StageReport, ...]
+    window_s: float
+    """Wall time of the schedule's execution, from the first action issued to the last one done."""
+    step_time_s: float
+    """Wall time of the whole step, optimizer steps included."""
+
+
+def split_microbatches(
+    inputs: torch.Tensor, targets: torch.Tensor, num_microbatches: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Split a batch into ``num_microbatches`` equal micro-batches along dimension 0."""
+    batch_size = inputs.shape[0]
+    if batch_size % num_microbatches:
+        raise ValueError(
+            f"train.batch_size: {batch_size} is not divisible by pipeline.num_microbatches="
+            f"{num_microbatches}; choose a batch size that is a multiple of it"
+        )
+    return list(inputs.chunk(num_microbatches)), list(targets.chunk(num_microbatches))
+
+
+def run_step(
+    handles: Sequence[StageHandle],
+    schedule: Schedule,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_microbatches: int,
+    timeout_s: float | None = None,
+) -> StepResult:
+    """One optimizer step: run every action of ``schedule``, then step every stage in parallel."""
+    start = time.time()
+    micro_inputs, micro_targets = split_microbatches(inputs, targets, num_microbatches)
+    execute(schedule, handles, micro_inputs, micro_targets, timeout_s=timeout_s)
+    window_end = time.time()
+    steps = [(handle.label, "optimizer step", handle.step()) for handle in handles]
+    reports = tuple(wait_all(steps, timeout_s))
+    loss = sum(reports[-1].losses)
+    return StepResult(loss, reports, window_end - start, time.time() - start)
+
+
+class Driver:
+    """Trains ``cfg.train.steps`` steps over ``handles``, logging into ``run_dir`` when given."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        handles: Sequence[StageHandle],
+        schedule: Schedule,
+        batches: BatchOrder,
+        run_dir: Path | None = None,
+        print_fn: Callable[[str], Any] = print,
+    ) -> None:
+        self.cfg = cfg
+        self.handles = list(handles)
+        self.schedule = schedule
+        self.batches = batches
+        self.run_dir = run_dir
+        self.print_fn = print_fn
+        self.logger = MetricsLogger(run_dir) if run_dir is not None else None
+
+    def train(self, start_step: int = 0) -> list[float]:
+        """Run the remaining steps; return the loss of every step run."""
+        cfg = self.cfg
+        losses: list[float] = []
+        metrics = None
+        try:
+            for step in range(start_step, cfg.train.steps):
+                inputs, targets = self.batches.batch(step)
+                result = run_step(
+                    self.handles,
+                    self.schedule,
+                    inputs,
+                    targets,
+                    cfg.pipeline.num_microbatches,
+                    timeout_s=cfg.rpc.timeout_s,
+                )
+                losses.append(result.loss)
+                is_last = step + 1 == cfg.train.steps
+                if (step + 1) % cfg.train.log_every == 0 or is_last:
+                    metrics = step_metrics(
+                        step + 1,
+                        result.loss,
+                        cfg.train.batch_size,
+                        result.step_time_s,
+                        result.window_s,
+                        result.reports,
+                        self.schedule,
+                    )
+                    self.print_fn(format_progress(metrics, cfg.train.steps))
+                    if self.logger is not None:
+                        self.logger.log_step(metrics)
+                trace_due = cfg.log.trace_every and (step + 1) % cfg.log.trace_every == 0
+                if self.logger is not None and (trace_due or is_last):
+                    self.logger.write_trace(step + 1, result.reports)
+            if self.logger is not None and metrics is not None:
+                self.logger.log_hparams(_hparams(cfg, len(self.handles)), _final_figures(metrics))
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+        return losses
+
+
+def _hparams(cfg: TrainConfig, num_stages: int) -> dict[str, Any]:
+    split = (
+        cfg.pipeline.balance if cfg.pipeline.balance is not None else [len(s) for s in cfg.pipeline.stages]
+    )
+    return {
+        "model": str(cfg.model.get("_target_")),
+        "schedule": cfg.schedule.name,
+        "num_stages": num_stages,
+        "num_microbatches": cfg.pipeline.num_microbatches,
+        "balance": str(list(split)),
+        "batch_size": cfg.train.batch_size,
+        "lr": float(cfg.optim.get("lr", float("nan"))),
+        "seed": cfg.seed,
+    }
+
+
+def _final_figures(metrics: Any) -> dict[str, float]:
+    return {
+        "final_loss": metrics.loss,
+        "samples_per_sec": metrics.samples_per_sec,
+        "bubble_fraction": metrics.bubble_fraction,
+        "bubble_fraction_predicted": metrics.bubble_fraction_predicted,
+    }

@@ -1,0 +1,101 @@
+"""Pre-flight checks: every config mistake we can find before a single process starts.
+
+:func:`preflight` raises one ``ValueError`` whose message names the config key and the fix. It builds the
+model on the ``meta`` device (no memory, no compute) to check the stage split and to push one
+micro-batch's shape through the whole model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipetrain.build import MODEL_SPEC_EXTRAS, build_dataset, build_plan, build_schedule_for
+from pipetrain.config import TrainConfig
+from pipetrain.losses import get_loss
+from pipetrain.partition import StagePlan, partition
+from pipetrain.targets import call_target, check_target_arguments
+
+__all__ = ["check_settings", "preflight"]
+
+_DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Checks of single values that need neither the model nor the data."""
+    _at_least(cfg.pipeline.num_microbatches, 1, "pipeline.num_microbatches")
+    _at_least(cfg.train.steps, 1, "train.steps")
+    _at_least(cfg.train.batch_size, 1, "train.batch_size")
+    _at_least(cfg.train.log_every, 1, "train.log_every")
+    _at_least(cfg.log.trace_every, 0, "log.trace_every")
+    _at_least(cfg.checkpoint.every, 0, "checkpoint.every")
+    _at_least(cfg.rpc.num_worker_threads, 1, "rpc.num_worker_threads")
+    if not cfg.rpc.timeout_s > 0:
+        raise ValueError(f"rpc.timeout_s: {cfg.rpc.timeout_s} must be > 0 seconds")
+    if cfg.train.batch_size % cfg.pipeline.num_microbatches:
+        raise ValueError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by pipeline.num_microbatches="
+            f"{cfg.pipeline.num_microbatches}; choose a batch size that is a multiple of it"
+        )
+    if cfg.device not in _DEVICES:
+        raise ValueError(f"device: {cfg.device!r} is not one of {list(_DEVICES)}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device: cuda requested but no CUDA device is visible; use device=cpu or device=auto"
+        )
+    get_loss(cfg.train.loss)
+    for key in ("model", "data", "optim"):
+        spec = getattr(cfg, key)
+        check_target_arguments(spec, key, skip=MODEL_SPEC_EXTRAS if key == "model" else ())
+    if not cfg.optim.get("_partial_", False):
+        raise ValueError(
+            "optim._partial_: must be true (each stage builds its optimizer on its own parameters)"
+        )
+    init_path = cfg.model.get("init")
+    if init_path and not Path(init_path).is_file():
+        raise ValueError(f"model.init: {init_path!r} is not a file; give the path of a full-model state dict")
+
+
+def preflight(cfg: TrainConfig) -> StagePlan:
+    """Every check of :func:`check_settings`, plus the stage split, schedule and data; return the plan."""
+    check_settings(cfg)
+    with torch.device("meta"):
+        torch.manual_seed(cfg.seed)
+        model = call_target(cfg.model, "model", skip=MODEL_SPEC_EXTRAS)
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"model._target_: {cfg.model['_target_']} returned {type(model).__name__}, not an nn.Module"
+        )
+    plan = build_plan(cfg, model)
+    partition(model, plan)
+    build_schedule_for(cfg, plan.num_stages)
+    dataset = build_dataset(cfg)
+    if len(dataset) < cfg.train.batch_size:
+        raise ValueError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the dataset ({len(dataset)} samples); "
+            "lower train.batch_size or use more data"
+        )
+    _check_shapes(cfg, model, dataset)
+    return plan
+
+
+def _check_shapes(cfg: TrainConfig, model: torch.nn.Module, dataset) -> None:
+    sample, target = dataset[0]
+    micro_batch = cfg.train.batch_size // cfg.pipeline.num_microbatches
+    inputs = torch.as_tensor(sample).unsqueeze(0).expand(micro_batch, *torch.as_tensor(sample).shape)
+    targets = torch.as_tensor(target).unsqueeze(0).expand(micro_batch, *torch.as_tensor(target).shape)
+    try:
+        output = model(inputs.to("meta"))
+        get_loss(cfg.train.loss)(output, targets.to("meta"))
+    except (RuntimeError, ValueError, IndexError, TypeError) as error:
+        raise ValueError(
+            f"data: a sample of shape {tuple(inputs.shape[1:])} ({inputs.dtype}) with target "
+            f"{tuple(targets.shape[1:])} does not fit model {cfg.model['_target_']} and train.loss="
+            f"{cfg.train.loss} ({error}); pick a data / model pair that matches"
+        ) from None
+
+
+def _at_least(value: int, minimum: int, key: str) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key}: {value!r} must be an integer >= {minimum}")
