@@ -110,6 +110,9 @@ class TrainConfig:
     """Seeds model initialisation and data order; every process uses the same seed."""
     device: str = "auto"
     """``auto`` (each stage on its own GPU when CUDA is there, else CPU), ``cpu`` or ``cuda``."""
+    run_dir: str | None = None
+    """Where the driver writes ``config.yaml``, ``tb/``, ``metrics.jsonl``, traces and checkpoints.
+    ``python -m pipetrain.train`` sets it to Hydra's output directory; otherwise ``runs/<date>/<time>``."""
 
 
 def register_schema() -> None:

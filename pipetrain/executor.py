@@ -16,20 +16,11 @@ from typing import Any
 
 import torch
 
+from pipetrain.failures import StageError, StageFailure
 from pipetrain.schedule import Action, ActionKind, Schedule
 from pipetrain.transport.handle import StageHandle
 
-__all__ = ["StageFailure", "input_dependency", "execute", "wait_all"]
-
-
-class StageFailure(RuntimeError):
-    """An action (or optimizer step) failed on a stage; the message names the stage and the action."""
-
-    def __init__(self, label: str, what: str, cause: BaseException | str) -> None:
-        super().__init__(f"{label} failed during {what}: {cause}")
-        self.label = label
-        self.what = what
-        self.cause = cause
+__all__ = ["StageFailure", "input_dependency", "execute", "wait_all"]  # StageFailure re-exported
 
 
 def input_dependency(action: Action, num_stages: int) -> Action | None:
@@ -84,19 +75,24 @@ def execute(
         if not progressed:
             stuck = [str(schedule[s][cursors[s]]) for s in range(num_stages) if cursors[s] < len(schedule[s])]
             raise RuntimeError(f"schedule cannot make progress; stuck at actions {stuck}")
+    labels = {handle.stage_idx: handle.label for handle in handles}
     wait_all(
-        [(handles[action.stage_idx].label, f"action {action}", done) for action, done in in_flight],
+        [(labels[action.stage_idx], f"action {action}", done) for action, done in in_flight],
         timeout_s,
+        labels,
     )
 
 
 def wait_all(
-    pending: Sequence[tuple[str, str, torch.futures.Future]], timeout_s: float | None = None
+    pending: Sequence[tuple[str, str, torch.futures.Future]],
+    timeout_s: float | None = None,
+    labels: dict[int, str] | None = None,
 ) -> list[Any]:
     """Wait for every ``(label, what, future)``; return their values in order.
 
-    Raises :class:`StageFailure` for the first future to fail (the root cause: work that depends on a
-    failed action fails after it), or for the earliest unfinished one when ``timeout_s`` passes.
+    Raises :class:`StageFailure` for the first future to fail, or for the earliest unfinished one when
+    ``timeout_s`` passes. A :class:`StageError` names its origin (work that depends on a failed action
+    fails with the original error), which ``labels`` (stage index -> label) turns into the report.
     """
     finished = threading.Event()
     lock = threading.Lock()
@@ -105,9 +101,13 @@ def wait_all(
     def _on_done(index: int, future: torch.futures.Future) -> None:
         error = None
         try:
-            future.value()
+            value = future.wait()
         except BaseException as exc:  # noqa: BLE001 - reported to the waiting driver
             error = exc
+        else:
+            # A future failed with set_exception crosses RPC as a value holding the exception.
+            if isinstance(value, BaseException):
+                error = value
         with lock:
             state["left"] -= 1
             if error is not None and state["first_error"] is None:
@@ -127,5 +127,7 @@ def wait_all(
     if state["first_error"] is not None:
         index, error = state["first_error"]
         label, what, _ = pending[index]
+        if isinstance(error, StageError) and labels and error.stage_idx in labels:
+            label, what = labels[error.stage_idx], error.action
         raise StageFailure(label, what, error) from error
-    return [future.value() for _, _, future in pending]
+    return [future.wait() for _, _, future in pending]

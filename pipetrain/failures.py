@@ -1,0 +1,46 @@
+"""Errors that name where a pipeline failed: which stage, which action, and the stage's own traceback."""
+
+from __future__ import annotations
+
+import traceback
+
+__all__ = ["StageError", "StageFailure"]
+
+
+class StageError(RuntimeError):
+    """An error raised while a stage ran ``action``; picklable, so it crosses process boundaries intact."""
+
+    def __init__(self, stage_idx: int, action: str, message: str, stage_traceback: str = "") -> None:
+        super().__init__(f"stage {stage_idx} {action}: {message}")
+        self.stage_idx = stage_idx
+        self.action = action
+        self.message = message
+        self.stage_traceback = stage_traceback
+
+    def __reduce__(self):
+        return (StageError, (self.stage_idx, self.action, self.message, self.stage_traceback))
+
+    @classmethod
+    def wrap(cls, error: BaseException, stage_idx: int, action: str) -> StageError:
+        """``error`` as a :class:`StageError` of ``action`` (an existing one is kept: it names the origin)."""
+        if isinstance(error, StageError):
+            return error
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        return cls(stage_idx, action, f"{type(error).__name__}: {error}", text)
+
+
+class StageFailure(RuntimeError):
+    """The driver's view of a failed run: ``label`` (stage and rank) failed during ``what``."""
+
+    def __init__(self, label: str, what: str, cause: BaseException | str) -> None:
+        details = ""
+        if isinstance(cause, StageError):
+            reason = cause.message
+            if cause.stage_traceback:
+                details = f"\n--- traceback on {label} ---\n{cause.stage_traceback.rstrip()}"
+        else:
+            reason = str(cause)
+        super().__init__(f"{label} failed during {what}: {reason}{details}")
+        self.label = label
+        self.what = what
+        self.cause = cause

@@ -1,0 +1,63 @@
+"""What each process of a run does once RPC is up: rank 0 drives, rank ``k+1`` serves stage ``k``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pipetrain.build import build_dataset, build_model, build_schedule_for, build_stage, stage_device
+from pipetrain.config import TrainConfig
+from pipetrain.data import BatchOrder
+from pipetrain.driver import Driver
+from pipetrain.executor import StageFailure
+from pipetrain.partition import StagePlan
+from pipetrain.transport.rpc import (
+    DRIVER_NAME,
+    RpcStageHandle,
+    StageServer,
+    init_rpc,
+    serve,
+    shutdown_rpc,
+    stage_worker_name,
+)
+
+__all__ = ["check_world_size", "drive", "serve_stage"]
+
+
+def check_world_size(plan: StagePlan, world_size: int) -> None:
+    """One driver plus one worker per stage, or a ``ValueError`` saying how to launch."""
+    if world_size != plan.num_stages + 1:
+        raise ValueError(
+            f"pipeline: {plan.num_stages} stages need {plan.num_stages + 1} processes (one driver + one per "
+            f"stage) but the world size is {world_size}; launch with "
+            f"torchrun --nproc-per-node={plan.num_stages + 1} (or change pipeline.balance / pipeline.stages)"
+        )
+
+
+def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> int:
+    """Rank 0: train over RPC stage handles; return the process exit status."""
+    init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc.timeout_s, cfg.rpc.num_worker_threads)
+    handles = [RpcStageHandle(idx, idx + 1, cfg.rpc.timeout_s) for idx in range(plan.num_stages)]
+    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
+    driver = Driver(cfg, handles, build_schedule_for(cfg, plan.num_stages), batches, run_dir)
+    try:
+        driver.train()
+    except StageFailure as failure:
+        print(f"pipetrain: run stopped: {failure}", file=sys.stderr, flush=True)
+        shutdown_rpc(graceful=False)
+        return 1
+    print(f"pipetrain: done; TensorBoard: tensorboard --logdir {run_dir}", flush=True)
+    shutdown_rpc(graceful=True)
+    return 0
+
+
+def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, world_size: int) -> int:
+    """Rank ``k+1``: build stage ``k`` on its device and serve it until the driver is done."""
+    stage_idx = rank - 1
+    model = build_model(cfg)
+    stage = build_stage(cfg, model, plan, stage_idx, stage_device(cfg, stage_idx, local_rank))
+    del model
+    serve(StageServer(stage, build_schedule_for(cfg, plan.num_stages)))
+    init_rpc(stage_worker_name(stage_idx), rank, world_size, cfg.rpc.timeout_s, cfg.rpc.num_worker_threads)
+    shutdown_rpc(graceful=True)
+    return 0
