@@ -25,11 +25,10 @@ __all__ = [
 def synthetic_classification(
     num_samples: int = 4096, in_features: int = 32, num_classes: int = 10, seed: int = 1234
 ) -> Dataset:
-    """Gaussian inputs labelled by a fixed random two-layer teacher: learnable, not trivially."""
+    """Gaussian inputs labelled by a fixed random linear teacher (argmax of a random projection)."""
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(num_samples, in_features, generator=generator)
-    hidden = torch.tanh(inputs @ torch.randn(in_features, 64, generator=generator))
-    labels = (hidden @ torch.randn(64, num_classes, generator=generator)).argmax(dim=1)
+    labels = (inputs @ torch.randn(in_features, num_classes, generator=generator)).argmax(dim=1)
     return TensorDataset(inputs, labels)
 
 
