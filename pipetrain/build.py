@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from pipetrain.checkpoint import find_checkpoint, read_manifest, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.losses import get_loss
 from pipetrain.models import model_units
@@ -29,6 +30,7 @@ __all__ = [
     "stage_device",
     "build_stage",
     "build_stages",
+    "resume_step",
 ]
 
 MODEL_SPEC_EXTRAS = ("init",)
@@ -91,9 +93,23 @@ def build_stage(
     )
 
 
-def build_stages(cfg: TrainConfig, devices: Sequence[torch.device] | None = None) -> list[Stage]:
-    """All stages in this process (the in-process pipeline)."""
+def build_stages(
+    cfg: TrainConfig, devices: Sequence[torch.device] | None = None
+) -> tuple[StagePlan, list[Stage]]:
+    """The plan and all its stages in this process (the in-process pipeline), resumed if configured."""
     model = build_model(cfg)
     plan = build_plan(cfg, model)
     devices = devices or [stage_device(cfg, idx) for idx in range(plan.num_stages)]
-    return [build_stage(cfg, model, plan, idx, devices[idx]) for idx in range(plan.num_stages)]
+    stages = [build_stage(cfg, model, plan, idx, devices[idx]) for idx in range(plan.num_stages)]
+    if cfg.checkpoint.resume:
+        step_dir = find_checkpoint(cfg.checkpoint.resume)
+        for stage in stages:
+            restore_stage(stage, step_dir)
+    return plan, stages
+
+
+def resume_step(cfg: TrainConfig) -> int:
+    """The step a run continues from: that of ``checkpoint.resume``, else 0."""
+    if not cfg.checkpoint.resume:
+        return 0
+    return int(read_manifest(find_checkpoint(cfg.checkpoint.resume))["step"])

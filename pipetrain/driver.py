@@ -6,6 +6,7 @@ process (tests, debugging) and stage workers over RPC.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,10 +15,13 @@ from typing import Any
 
 import torch
 
+from pipetrain.build import build_schedule_for
+from pipetrain.checkpoint import commit_checkpoint, partial_dir, save_stage
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.executor import execute, wait_all
 from pipetrain.metrics import MetricsLogger, format_progress, step_metrics
+from pipetrain.partition import StagePlan
 from pipetrain.schedule import Schedule
 from pipetrain.timings import StageReport
 from pipetrain.transport.handle import StageHandle
@@ -77,14 +81,15 @@ class Driver:
         self,
         cfg: TrainConfig,
         handles: Sequence[StageHandle],
-        schedule: Schedule,
+        plan: StagePlan,
         batches: BatchOrder,
         run_dir: Path | None = None,
         print_fn: Callable[[str], Any] = print,
     ) -> None:
         self.cfg = cfg
         self.handles = list(handles)
-        self.schedule = schedule
+        self.plan = plan
+        self.schedule = build_schedule_for(cfg, plan.num_stages)
         self.batches = batches
         self.run_dir = run_dir
         self.print_fn = print_fn
@@ -124,12 +129,34 @@ class Driver:
                 trace_due = cfg.log.trace_every and (step + 1) % cfg.log.trace_every == 0
                 if self.logger is not None and (trace_due or is_last):
                     self.logger.write_trace(step + 1, result.reports)
+                checkpoint_due = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0
+                if self.run_dir is not None and (checkpoint_due or is_last):
+                    self.save_checkpoint(step + 1)
             if self.logger is not None and metrics is not None:
                 self.logger.log_hparams(_hparams(cfg, len(self.handles)), _final_figures(metrics))
         finally:
             if self.logger is not None:
                 self.logger.close()
         return losses
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Every stage writes its file in parallel; the checkpoint is committed once all are written."""
+        assert self.run_dir is not None
+        directory = partial_dir(self.run_dir / "checkpoints", step)
+        if directory.exists():
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+        saves = [(h.label, "checkpoint save", h.call(save_stage, str(directory), step)) for h in self.handles]
+        wait_all(saves, self.cfg.rpc.timeout_s, {h.stage_idx: h.label for h in self.handles})
+        manifest = {
+            "step": step,
+            "num_stages": len(self.handles),
+            "stages": [list(names) for names in self.plan.stages],
+            "schedule": self.cfg.schedule.name,
+            "num_microbatches": self.cfg.pipeline.num_microbatches,
+            "seed": self.cfg.seed,
+        }
+        return commit_checkpoint(directory, manifest)
 
 
 def _hparams(cfg: TrainConfig, num_stages: int) -> dict[str, Any]:

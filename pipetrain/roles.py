@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipetrain.build import build_dataset, build_model, build_schedule_for, build_stage, stage_device
+from pipetrain.build import (
+    build_dataset,
+    build_model,
+    build_schedule_for,
+    build_stage,
+    resume_step,
+    stage_device,
+)
+from pipetrain.checkpoint import find_checkpoint, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
@@ -39,9 +47,9 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc.timeout_s, cfg.rpc.num_worker_threads)
     handles = [RpcStageHandle(idx, idx + 1, cfg.rpc.timeout_s) for idx in range(plan.num_stages)]
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    driver = Driver(cfg, handles, build_schedule_for(cfg, plan.num_stages), batches, run_dir)
+    driver = Driver(cfg, handles, plan, batches, run_dir)
     try:
-        driver.train()
+        driver.train(start_step=resume_step(cfg))
     except StageFailure as failure:
         print(f"pipetrain: run stopped: {failure}", file=sys.stderr, flush=True)
         shutdown_rpc(graceful=False)
@@ -57,6 +65,8 @@ def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, w
     model = build_model(cfg)
     stage = build_stage(cfg, model, plan, stage_idx, stage_device(cfg, stage_idx, local_rank))
     del model
+    if cfg.checkpoint.resume:
+        restore_stage(stage, find_checkpoint(cfg.checkpoint.resume))
     serve(StageServer(stage, build_schedule_for(cfg, plan.num_stages)))
     init_rpc(stage_worker_name(stage_idx), rank, world_size, cfg.rpc.timeout_s, cfg.rpc.num_worker_threads)
     shutdown_rpc(graceful=True)

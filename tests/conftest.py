@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+
 import pytest
 
+from pipetrain.build import build_dataset, build_model
 from pipetrain.config import TrainConfig
+from pipetrain.data import BatchOrder
+from pipetrain.losses import get_loss
+from pipetrain.targets import call_target
 
 MODEL_SPECS = {
     "mlp": {
@@ -68,7 +79,101 @@ def make_config(
     return cfg
 
 
+def train_unsplit(cfg):
+    """The reference: the whole model, one process, one backward per batch."""
+    model = build_model(cfg)
+    optimizer = call_target(cfg.optim, "optim")(model.parameters())
+    loss_fn = get_loss(cfg.train.loss)
+    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
+    losses = []
+    for step in range(cfg.train.steps):
+        inputs, targets = batches.batch(step)
+        loss = loss_fn(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, model.state_dict()
+
+
 @pytest.fixture
 def small_config():
     """Factory for small run configs."""
     return make_config
+
+
+@dataclass
+class Finished:
+    """A finished command: exit status and combined output."""
+
+    returncode: int
+    output: str
+    seconds: float
+
+
+def run_command(args: list[str], timeout: float, cwd: str | os.PathLike | None = None, env=None) -> Finished:
+    """Run ``args``; on timeout, or when it is done, kill every process it started.
+
+    Processes are found by a tag in their environment (torchrun starts workers in their own sessions, so
+    a process group would miss them). Asserts that no process outlives the command.
+    """
+    tag = uuid.uuid4().hex
+    merged_env = dict(os.environ, **(env or {}), PIPETRAIN_TEST_TAG=tag)
+    merged_env.setdefault("TP_SOCKET_IFNAME", "lo")
+    merged_env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    start = time.monotonic()
+    process = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=merged_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tagged(tag)
+        output, _ = process.communicate()
+        raise AssertionError(f"command timed out after {timeout} s: {args}\n{output[-4000:]}") from None
+    finally:
+        leftovers = wait_tagged_gone(tag, grace_s=5.0)
+        kill_tagged(tag)
+    assert not leftovers, f"processes {leftovers} of {args} outlived it\n{output[-4000:]}"
+    return Finished(process.returncode, output, time.monotonic() - start)
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``PIPETRAIN_TEST_TAG=<tag>``."""
+    needle = f"PIPETRAIN_TEST_TAG={tag}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                if needle in handle.read().split(b"\0"):
+                    with open(f"/proc/{entry}/stat") as stat:
+                        if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def wait_tagged_gone(tag: str, grace_s: float) -> list[int]:
+    """Wait up to ``grace_s`` for every tagged process to exit; return those still alive."""
+    deadline = time.monotonic() + grace_s
+    while (alive := tagged_pids(tag)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+def kill_tagged(tag: str) -> None:
+    """SIGKILL every tagged process."""
+    for pid in tagged_pids(tag):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

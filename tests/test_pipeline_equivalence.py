@@ -4,39 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import make_config, train_unsplit
 
-from pipetrain.build import build_dataset, build_model, build_schedule_for, build_stages
+from pipetrain.build import build_dataset, build_stages
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
-from pipetrain.losses import get_loss
-from pipetrain.targets import call_target
 from pipetrain.transport import LocalStageHandle
 
 
-def train_unsplit(cfg):
-    """The reference: the whole model, one process, one backward per batch."""
-    model = build_model(cfg)
-    optimizer = call_target(cfg.optim, "optim")(model.parameters())
-    loss_fn = get_loss(cfg.train.loss)
-    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    losses = []
-    for step in range(cfg.train.steps):
-        inputs, targets = batches.batch(step)
-        loss = loss_fn(model(inputs), targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, model.state_dict()
-
-
 def train_pipelined(cfg):
-    stages = build_stages(cfg)
+    plan, stages = build_stages(cfg)
     handles = [LocalStageHandle(stage) for stage in stages]
-    schedule = build_schedule_for(cfg, len(stages))
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    losses = Driver(cfg, handles, schedule, batches, print_fn=lambda line: None).train()
+    losses = Driver(cfg, handles, plan, batches, print_fn=lambda line: None).train()
     weights = {}
     for stage in stages:
         weights.update(stage.module.full_state_dict())
@@ -61,13 +41,13 @@ def test_pipelined_training_equals_unsplit(model, schedule, num_stages):
 
 def test_logged_run_writes_scalars(tmp_path):
     cfg = make_config("mlp", 2, "1f1b", steps=3)
-    stages = build_stages(cfg)
+    plan, stages = build_stages(cfg)
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     lines = []
     Driver(
         cfg,
         [LocalStageHandle(s) for s in stages],
-        build_schedule_for(cfg, 2),
+        plan,
         batches,
         tmp_path,
         print_fn=lines.append,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +47,10 @@ class StageHandle(Protocol):
 
     def step(self) -> torch.futures.Future:
         """Step the stage's optimizer; the future carries the stage's :class:`StageReport` for the step."""
+        ...
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
+        """Run ``fn(stage, *args)`` where the stage lives (``fn`` importable by name)."""
         ...
 
 

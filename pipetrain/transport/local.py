@@ -6,6 +6,7 @@ each action when it is issued. Used by the tests and for debugging a split witho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,7 +43,11 @@ class LocalStageHandle:
 
     def step(self) -> torch.futures.Future:
         """Step the optimizer now."""
+        return self.call(Stage.step)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
+        """Run ``fn(stage, *args)`` now."""
         try:
-            return completed(self.stage.step())
+            return completed(fn(self.stage, *args))
         except Exception as error:
             return failed(error)

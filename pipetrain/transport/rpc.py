@@ -244,14 +244,14 @@ class RpcStageHandle:
         return rpc.rpc_async(self.worker, _step, timeout=self.timeout_s)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
-        """Run ``fn(server, *args)`` on the worker (checkpoints and other whole-stage requests)."""
+        """Run ``fn(stage, *args)`` on the worker (checkpoints and other whole-stage requests)."""
         return rpc.rpc_async(self.worker, _call_on_server, args=(fn, *args), timeout=self.timeout_s)
 
 
 def _call_on_server(fn: Callable[..., Any], *args: Any) -> Any:
     server = _server()
     try:
-        return fn(server, *args)
+        return fn(server.stage, *args)
     except Exception as error:
         return StageError.wrap(error, server.stage.stage_idx, getattr(fn, "__name__", "request"))
 

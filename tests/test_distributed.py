@@ -1,0 +1,163 @@
+"""The product end to end: ``python -m pipetrain.train`` -> torchrun -> real RPC stage workers on CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_command, train_unsplit
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipetrain.checkpoint import merged_model_state
+from pipetrain.compose import compose_config, to_train_config
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+
+SMALL = [
+    "model.hidden=32",
+    "train.batch_size=16",
+    "train.steps=10",
+    "train.log_every=1",
+    "optim=sgd",
+    "optim.lr=0.1",
+    "optim.momentum=0.9",
+    "pipeline.num_microbatches=4",
+]
+STEP_TAGS = [
+    "train/loss",
+    "perf/samples_per_sec",
+    "perf/step_time_s",
+    "pipeline/bubble_fraction",
+    "pipeline/bubble_fraction_predicted",
+    "pipeline/bubble_fraction_predicted_measured_costs",
+]
+
+
+def train(run_dir: Path, *overrides: str, timeout: float = 180):
+    """``python -m pipetrain.train`` into ``run_dir``, from a scratch working directory."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = [sys.executable, "-m", "pipetrain.train", f"hydra.run.dir={run_dir}", *overrides]
+    return run_command(args, timeout, cwd=run_dir)
+
+
+def logged_steps(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def scalars(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir / "tb"))
+    accumulator.Reload()
+    return accumulator
+
+
+def test_default_example_trains_through_torchrun(tmp_path):
+    result = train(tmp_path)
+    assert result.returncode == 0, result.output[-4000:]
+    assert "step  100/100" in result.output
+    events = scalars(tmp_path)
+    tags = events.Tags()["scalars"]
+    for tag in STEP_TAGS + [f"stage{k}/{f}" for k in (0, 1) for f in ("busy_s", "idle_s", "transfer_s")]:
+        assert tag in tags, tag
+    losses = [event.value for event in events.Scalars("train/loss")]
+    assert len(losses) == 10
+    assert losses[-1] < 0.75 * losses[0], losses
+    assert (tmp_path / "config.yaml").is_file()
+    assert list((tmp_path / "traces").glob("*.json"))
+    assert (tmp_path / "checkpoints" / "step_100" / "manifest.json").is_file()
+    assert events.PluginTagToContent("hparams"), "no hparams entry"
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("balance", ["[3,3]", "[2,2,2]"])
+def test_rpc_training_equals_unsplit(tmp_path, schedule, balance):
+    overrides = [*SMALL, f"schedule={schedule}", f"pipeline.balance={balance}"]
+    result = train(tmp_path, *overrides)
+    assert result.returncode == 0, result.output[-4000:]
+    losses = [entry["train/loss"] for entry in logged_steps(tmp_path)]
+    reference_losses, reference_weights = train_unsplit(to_train_config(compose_config(overrides)))
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
+    weights = merged_model_state(tmp_path / "checkpoints" / "step_10")
+    assert weights.keys() == reference_weights.keys()
+    for name, value in reference_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_microbatches", [32, 64])
+def test_many_microbatches_run_on_the_default_thread_pool(tmp_path, num_microbatches):
+    result = train(
+        tmp_path,
+        "train.batch_size=64",
+        "train.steps=2",
+        "train.log_every=1",
+        f"pipeline.num_microbatches={num_microbatches}",
+        "schedule=1f1b",
+        "pipeline.balance=[2,2,2]",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.output[-4000:]
+    assert len(logged_steps(tmp_path)) == 2
+
+
+def test_multirun_sweep_gives_one_run_directory_per_job(tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "pipetrain.train",
+        "-m",
+        f"hydra.sweep.dir={tmp_path}",
+        "pipeline.balance=[2,4],[4,2]",
+        "train.steps=4",
+        "train.log_every=2",
+    ]
+    result = run_command(args, 240, cwd=tmp_path)
+    assert result.returncode == 0, result.output[-4000:]
+    assert "2/2 runs succeeded" in result.output
+    for job in ("0", "1"):
+        events = scalars(tmp_path / job)
+        assert "train/loss" in events.Tags()["scalars"]
+        assert events.PluginTagToContent("hparams"), f"job {job} has no hparams entry"
+    first = (tmp_path / "0" / "config.yaml").read_text()
+    second = (tmp_path / "1" / "config.yaml").read_text()
+    assert "- 2\n  - 4" in first and "- 4\n  - 2" in second
+
+
+def test_failed_sweep_job_makes_the_sweep_fail(tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "pipetrain.train",
+        "-m",
+        f"hydra.sweep.dir={tmp_path}",
+        "pipeline.balance=[3,3],[3,4]",
+        "train.steps=2",
+    ]
+    result = run_command(args, 240, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "1/2 runs succeeded" in result.output
+    assert "pipeline.balance: [3, 4] sums to 7 but the model has 6 units" in result.output
+
+
+def test_world_size_mismatch_is_a_clear_error_on_every_rank(tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        "--master-port=0",
+        "-m",
+        "pipetrain.worker",
+        f"run_dir={tmp_path}",
+    ]
+    result = run_command(args, 120, cwd=tmp_path)
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert (
+            f"pipetrain [rank {rank}]: configuration error: pipeline: 2 stages need 3 processes"
+            in result.output
+        )
+    assert "torchrun --nproc-per-node=3" in result.output
