@@ -45,6 +45,8 @@ class StageFigures:
     """Window time not spent computing: ``max(window - busy, 0)``."""
     transfer_s: float
     """Total time moving inputs from other stages (TRANSFER spans)."""
+    peak_activation_bytes: int = 0
+    """Peak activation bytes held for backward (micro-batches in flight)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class StepMetrics:
             scalars[f"stage{k}/busy_s"] = float(figures.busy_s)
             scalars[f"stage{k}/idle_s"] = float(figures.idle_s)
             scalars[f"stage{k}/transfer_s"] = float(figures.transfer_s)
+            scalars[f"stage{k}/peak_activation_mib"] = figures.peak_activation_bytes / 2**20
         return scalars
 
 
@@ -96,7 +99,14 @@ def stage_figures(reports: Sequence[StageReport], window_s: float) -> tuple[Stag
     for report in _by_stage(reports):
         busy = report.total(SpanCategory.COMPUTE)
         transfer = report.total(SpanCategory.TRANSFER)
-        figures.append(StageFigures(busy_s=busy, idle_s=max(window_s - busy, 0.0), transfer_s=transfer))
+        figures.append(
+            StageFigures(
+                busy_s=busy,
+                idle_s=max(window_s - busy, 0.0),
+                transfer_s=transfer,
+                peak_activation_bytes=report.peak_activation_bytes,
+            )
+        )
     return tuple(figures)
 
 

@@ -60,6 +60,9 @@ class Stage:
         self._outputs: dict[int, torch.Tensor] = {}
         self._losses: dict[int, float] = {}
         self._spans: list[Span] = []
+        self._saved_bytes: dict[int, int] = {}
+        self._peak_saved_bytes = 0
+        self._parameter_storages = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
 
     @property
     def is_last(self) -> bool:
@@ -78,7 +81,10 @@ class Stage:
         x = inputs.to(self.device, non_blocking=True)
         if self.stage_idx > 0 and x.is_floating_point():
             x = x.detach().requires_grad_(True)
-        output = self.module(x)
+        saved = [0]
+        pack = _counting_pack(saved, self._parameter_storages)
+        with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+            output = self.module(x)
         if self.is_last:
             loss = self._loss_fn(output, target.to(self.device, non_blocking=True)) * self._loss_scale
             loss_value = loss.item()
@@ -91,6 +97,8 @@ class Stage:
             output = loss
         self._inputs[mb_idx] = x
         self._outputs[mb_idx] = output
+        self._saved_bytes[mb_idx] = saved[0]
+        self._peak_saved_bytes = max(self._peak_saved_bytes, sum(self._saved_bytes.values()))
         self._record(Action(self.stage_idx, ActionKind.FORWARD, mb_idx), start)
         return output.detach()
 
@@ -103,6 +111,7 @@ class Stage:
         start = time.time()
         output = self._outputs.pop(mb_idx)
         x = self._inputs.pop(mb_idx)
+        self._saved_bytes.pop(mb_idx, None)
         grad = None if self.is_last else grad_output.to(self.device, non_blocking=True)
         if output.requires_grad:
             torch.autograd.backward(output, grad)
@@ -130,16 +139,41 @@ class Stage:
             spans=tuple(self._spans),
             losses=tuple(self._losses[mb] for mb in sorted(self._losses)),
             peak_memory_bytes=peak_memory,
+            peak_activation_bytes=self._peak_saved_bytes,
         )
         self._spans.clear()
         self._losses.clear()
+        self._peak_saved_bytes = 0
         return report
 
     def record_span(self, category: SpanCategory, name: str, start: float, end: float) -> None:
         """Record time a transport spent on this stage's behalf (waiting for or moving inputs)."""
         self._spans.append(Span(self.stage_idx, category, name, start, end))
 
+    @property
+    def microbatches_in_flight(self) -> int:
+        """Micro-batches run forward whose backward has not run yet."""
+        return len(self._outputs)
+
     def _record(self, action: Action, start: float) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._spans.append(Span(self.stage_idx, SpanCategory.COMPUTE, str(action), start, time.time()))
+
+
+def _counting_pack(total: list[int], skip_storages: set[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A saved-tensor hook adding the activation bytes autograd keeps for backward to ``total[0]``.
+
+    Tensors sharing storage with a parameter (weights saved by every micro-batch) are not counted.
+    """
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in skip_storages:
+            total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    return pack
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor

@@ -53,6 +53,8 @@ class StageReport:
     """Per micro-batch loss contributions (last stage only); they sum to the batch's mean loss."""
     peak_memory_bytes: int | None = None
     """Peak device memory of the step, where the device reports it (CUDA)."""
+    peak_activation_bytes: int = 0
+    """Peak bytes autograd held for backward across the micro-batches in flight (any device)."""
 
     def total(self, category: SpanCategory) -> float:
         """Total seconds spent in ``category``."""

@@ -59,7 +59,9 @@ def test_default_example_trains_through_torchrun(tmp_path):
     assert "step  100/100" in result.output
     events = scalars(tmp_path)
     tags = events.Tags()["scalars"]
-    for tag in STEP_TAGS + [f"stage{k}/{f}" for k in (0, 1) for f in ("busy_s", "idle_s", "transfer_s")]:
+    for tag in STEP_TAGS + [
+        f"stage{k}/{f}" for k in (0, 1) for f in ("busy_s", "idle_s", "transfer_s", "peak_activation_mib")
+    ]:
         assert tag in tags, tag
     losses = [event.value for event in events.Scalars("train/loss")]
     assert len(losses) == 10

@@ -190,7 +190,11 @@ def test_scalars_tags() -> None:
         "pipeline/bubble_fraction",
         "pipeline/bubble_fraction_predicted",
         "pipeline/bubble_fraction_predicted_measured_costs",
-        *(f"stage{k}/{name}" for k in range(3) for name in ("busy_s", "idle_s", "transfer_s")),
+        *(
+            f"stage{k}/{name}"
+            for k in range(3)
+            for name in ("busy_s", "idle_s", "transfer_s", "peak_activation_mib")
+        ),
     }
     assert scalars["train/loss"] == pytest.approx(1.2345678)
     assert scalars["pipeline/bubble_fraction_predicted_measured_costs"] == 0.25
