@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from pipetrain.failures import StageError, StageFailure
+from pipetrain.failures import RunStopped, StageError, StageFailure
 from pipetrain.schedule import Action, ActionKind, Schedule
 from pipetrain.transport.handle import StageHandle
 
 __all__ = ["StageFailure", "input_dependency", "execute", "wait_all"]  # StageFailure re-exported
+
+_NAME_THE_CAUSE_S = 3.0
 
 
 def input_dependency(action: Action, num_stages: int) -> Action | None:
@@ -76,10 +78,30 @@ def execute(
             stuck = [str(schedule[s][cursors[s]]) for s in range(num_stages) if cursors[s] < len(schedule[s])]
             raise RuntimeError(f"schedule cannot make progress; stuck at actions {stuck}")
     labels = {handle.stage_idx: handle.label for handle in handles}
+    actions = [action for action, _ in in_flight]
+
+    def _blame(ok: list[bool], failed_index: int | None) -> int:
+        """The action to name: the one running on the failed stage, or the stuck one."""
+        if failed_index is not None:  # a stage's process is gone: name what it was running
+            stage_idx = actions[failed_index].stage_idx
+            return next(i for i, a in enumerate(actions) if a.stage_idx == stage_idx and not ok[i])
+        # Stuck: a stage's first unfinished action whose input is there; the earliest such.
+        finished = {action for action, is_ok in zip(actions, ok, strict=True) if is_ok}
+        seen_stages: set[int] = set()
+        for index, action in enumerate(actions):
+            if ok[index] or action.stage_idx in seen_stages:
+                continue
+            seen_stages.add(action.stage_idx)
+            dependency = input_dependency(action, num_stages)
+            if dependency is None or dependency in finished:
+                return index
+        return ok.index(False)
+
     wait_all(
         [(labels[action.stage_idx], f"action {action}", done) for action, done in in_flight],
         timeout_s,
         labels,
+        _blame,
     )
 
 
@@ -87,47 +109,73 @@ def wait_all(
     pending: Sequence[tuple[str, str, torch.futures.Future]],
     timeout_s: float | None = None,
     labels: dict[int, str] | None = None,
+    blame: Callable[[list[bool], int | None], int] | None = None,
 ) -> list[Any]:
     """Wait for every ``(label, what, future)``; return their values in order.
 
-    Raises :class:`StageFailure` for the first future to fail, or for the earliest unfinished one when
-    ``timeout_s`` passes. A :class:`StageError` names its origin (work that depends on a failed action
-    fails with the original error), which ``labels`` (stage index -> label) turns into the report.
+    Raises :class:`StageFailure` for the first future to fail, or when none completes for ``timeout_s``
+    seconds (a stuck stage: the run makes no progress). A :class:`StageError` names its origin (work
+    that depends on a failed action fails with the original error); ``labels`` (stage index -> label)
+    turn it into the report. For other errors (a process gone) and when stuck, ``blame(ok, failed)``
+    picks the entry to name from the flags of entries done without error and the failed entry's index
+    (``None`` when stuck); by default the failed entry, or the first unfinished one.
     """
-    finished = threading.Event()
+    changed = threading.Event()
     lock = threading.Lock()
-    state: dict[str, Any] = {"left": len(pending), "first_error": None}
+    state: dict[str, Any] = {"left": len(pending), "first_error": None, "progress_at": time.monotonic()}
+    ok = [False] * len(pending)
 
     def _on_done(index: int, future: torch.futures.Future) -> None:
-        error = None
-        try:
-            value = future.wait()
-        except BaseException as exc:  # noqa: BLE001 - reported to the waiting driver
-            error = exc
-        else:
-            # A future failed with set_exception crosses RPC as a value holding the exception.
-            if isinstance(value, BaseException):
-                error = value
+        error = _error_of(future)
         with lock:
             state["left"] -= 1
+            state["progress_at"] = time.monotonic()
+            ok[index] = error is None
             if error is not None and state["first_error"] is None:
                 state["first_error"] = (index, error)
-            if error is not None or state["left"] == 0:
-                finished.set()
+        changed.set()
 
     for index, (_, _, future) in enumerate(pending):
         future.add_done_callback(lambda fut, index=index: _on_done(index, fut))
-    if not pending:
-        finished.set()
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    if not finished.wait(None if deadline is None else max(deadline - time.monotonic(), 0.0)):
-        index = next(i for i, (_, _, future) in enumerate(pending) if not future.done())
-        label, what, _ = pending[index]
-        raise StageFailure(label, what, f"no answer within {timeout_s:g} s (rpc.timeout_s)")
+    try:
+        while True:
+            with lock:
+                if state["first_error"] is not None or state["left"] == 0:
+                    break
+                idle_for = time.monotonic() - state["progress_at"]
+            if timeout_s is not None and idle_for >= timeout_s:
+                with lock:
+                    index = blame(list(ok), None) if blame is not None else ok.index(False)
+                label, what, _ = pending[index]
+                reason = f"no progress for {timeout_s:g} s (rpc.timeout_s): the stage is stuck"
+                raise StageFailure(label, what, reason)
+            changed.wait(None if timeout_s is None else max(timeout_s - idle_for, 0.01))
+            changed.clear()
+    except RunStopped:
+        # torchrun stops the run as soon as a process dies; the error naming it is usually a moment away.
+        deadline = time.monotonic() + _NAME_THE_CAUSE_S
+        while state["first_error"] is None and time.monotonic() < deadline:
+            changed.wait(0.05)
+            changed.clear()
+        if state["first_error"] is None:
+            raise
     if state["first_error"] is not None:
         index, error = state["first_error"]
         label, what, _ = pending[index]
         if isinstance(error, StageError) and labels and error.stage_idx in labels:
             label, what = labels[error.stage_idx], error.action
+        elif blame is not None:
+            with lock:
+                label, what, _ = pending[blame(list(ok), index)]
         raise StageFailure(label, what, error) from error
     return [future.wait() for _, _, future in pending]
+
+
+def _error_of(future: torch.futures.Future) -> BaseException | None:
+    """The error a done future carries, if any."""
+    try:
+        value = future.wait()
+    except BaseException as error:  # noqa: BLE001 - reported to the waiting driver
+        return error
+    # A future failed with set_exception crosses RPC as a value holding the exception.
+    return value if isinstance(value, BaseException) else None

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import traceback
 
-__all__ = ["StageError", "StageFailure"]
+__all__ = ["StageError", "StageFailure", "RunStopped"]
+
+_CONNECTION_LOST = ("eof", "pipe closed", "connection reset", "connection refused", "broken pipe")
 
 
 class StageError(RuntimeError):
@@ -40,7 +42,13 @@ class StageFailure(RuntimeError):
                 details = f"\n--- traceback on {label} ---\n{cause.stage_traceback.rstrip()}"
         else:
             reason = str(cause)
+        if any(marker in reason.lower() for marker in _CONNECTION_LOST):
+            reason = f"lost the connection to it: its process exited or was killed ({reason.strip()})"
         super().__init__(f"{label} failed during {what}: {reason}{details}")
         self.label = label
         self.what = what
         self.cause = cause
+
+
+class RunStopped(BaseException):
+    """This process was asked to stop (SIGTERM from torchrun, which stops a run when a process dies)."""

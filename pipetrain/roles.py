@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from pipetrain.checkpoint import find_checkpoint, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
-from pipetrain.executor import StageFailure
+from pipetrain.failures import RunStopped, StageFailure
 from pipetrain.partition import StagePlan
 from pipetrain.transport.rpc import (
     DRIVER_NAME,
@@ -45,15 +46,23 @@ def check_world_size(plan: StagePlan, world_size: int) -> None:
 def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> int:
     """Rank 0: train over RPC stage handles; return the process exit status."""
     init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc.timeout_s, cfg.rpc.num_worker_threads)
-    handles = [RpcStageHandle(idx, idx + 1, cfg.rpc.timeout_s) for idx in range(plan.num_stages)]
+    handles = [RpcStageHandle(idx, idx + 1) for idx in range(plan.num_stages)]
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     driver = Driver(cfg, handles, plan, batches, run_dir)
+    previous_handler = signal.signal(signal.SIGTERM, _raise_run_stopped)
     try:
         driver.train(start_step=resume_step(cfg))
     except StageFailure as failure:
         print(f"pipetrain: run stopped: {failure}", file=sys.stderr, flush=True)
         shutdown_rpc(graceful=False)
         return 1
+    except (RunStopped, KeyboardInterrupt) as stop:
+        reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped by the launcher (SIGTERM)"
+        print(f"pipetrain: run {reason}; no stage failure was reported", file=sys.stderr, flush=True)
+        shutdown_rpc(graceful=False)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(f"pipetrain: done; TensorBoard: tensorboard --logdir {run_dir}", flush=True)
     shutdown_rpc(graceful=True)
     return 0
@@ -71,3 +80,7 @@ def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, w
     init_rpc(stage_worker_name(stage_idx), rank, world_size, cfg.rpc.timeout_s, cfg.rpc.num_worker_threads)
     shutdown_rpc(graceful=True)
     return 0
+
+
+def _raise_run_stopped(signum: int, frame: object) -> None:
+    raise RunStopped(f"signal {signum}")

@@ -9,7 +9,9 @@ Arguments are Hydra overrides, exactly as for ``python -m pipetrain.train``.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     """Run this process's role; return its exit status."""
     overrides = sys.argv[1:] if argv is None else argv
+    _exit_with_launcher()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -44,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     composed.run_dir = str(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed, resolve=True))
     return drive(cfg, plan, world_size, run_dir)
+
+
+def _exit_with_launcher() -> None:
+    """Have the kernel kill this process if its launcher (torchrun) dies, so no worker is orphaned."""
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 if __name__ == "__main__":

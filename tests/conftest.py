@@ -111,37 +111,46 @@ class Finished:
     seconds: float
 
 
-def run_command(args: list[str], timeout: float, cwd: str | os.PathLike | None = None, env=None) -> Finished:
-    """Run ``args``; on timeout, or when it is done, kill every process it started.
+class Launched:
+    """A command started in the background; every process it starts carries a tag in its environment."""
 
-    Processes are found by a tag in their environment (torchrun starts workers in their own sessions, so
-    a process group would miss them). Asserts that no process outlives the command.
-    """
-    tag = uuid.uuid4().hex
-    merged_env = dict(os.environ, **(env or {}), PIPETRAIN_TEST_TAG=tag)
-    merged_env.setdefault("TP_SOCKET_IFNAME", "lo")
-    merged_env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    start = time.monotonic()
-    process = subprocess.Popen(
-        args,
-        cwd=cwd,
-        env=merged_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tagged(tag)
-        output, _ = process.communicate()
-        raise AssertionError(f"command timed out after {timeout} s: {args}\n{output[-4000:]}") from None
-    finally:
-        leftovers = wait_tagged_gone(tag, grace_s=5.0)
-        kill_tagged(tag)
-    assert not leftovers, f"processes {leftovers} of {args} outlived it\n{output[-4000:]}"
-    return Finished(process.returncode, output, time.monotonic() - start)
+    def __init__(self, args: list[str], cwd=None, env=None) -> None:
+        self.args = args
+        self.tag = uuid.uuid4().hex
+        merged_env = dict(os.environ, **(env or {}), PIPETRAIN_TEST_TAG=self.tag)
+        merged_env.setdefault("TP_SOCKET_IFNAME", "lo")
+        merged_env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=merged_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def finish(self, timeout: float) -> Finished:
+        """Wait for the command; kill everything it started on timeout; assert nothing outlives it."""
+        try:
+            output, _ = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tagged(self.tag)
+            output, _ = self.process.communicate()
+            raise AssertionError(
+                f"command timed out after {timeout} s: {self.args}\n{output[-4000:]}"
+            ) from None
+        finally:
+            leftovers = wait_tagged_gone(self.tag, grace_s=5.0)
+            kill_tagged(self.tag)
+        assert not leftovers, f"processes {leftovers} of {self.args} outlived it\n{output[-4000:]}"
+        return Finished(self.process.returncode, output, time.monotonic() - self.started)
+
+
+def run_command(args: list[str], timeout: float, cwd: str | os.PathLike | None = None, env=None) -> Finished:
+    """Run ``args`` to completion (see :class:`Launched`)."""
+    return Launched(args, cwd=cwd, env=env).finish(timeout)
 
 
 def tagged_pids(tag: str) -> list[int]:

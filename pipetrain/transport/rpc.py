@@ -50,6 +50,10 @@ __all__ = [
 
 DRIVER_NAME = "driver"
 
+# Calls carry no RPC deadline (0 = none): a stage may legitimately be busy for long. The driver's
+# watchdog (no progress for rpc.timeout_s, see pipetrain.executor.wait_all) catches a stuck pipeline.
+_NO_DEADLINE = 0
+
 
 def stage_worker_name(stage_idx: int) -> str:
     """The RPC worker name of stage ``stage_idx``."""
@@ -140,11 +144,16 @@ class StageServer:
         if not isinstance(input_ref, RemoteTensor):
             now = time.time()
             return completed((input_ref, now, now))
-        request = rpc.rpc_async(input_ref.worker, _fetch, args=(input_ref.action,))
+        request = rpc.rpc_async(input_ref.worker, _fetch, args=(input_ref.action,), timeout=_NO_DEADLINE)
 
         def _arrived(reply: torch.futures.Future) -> Any:
             value = _result_or_error(reply)
-            return value if isinstance(value, BaseException) else (*value, time.time())
+            if isinstance(value, StageError):
+                return value
+            if isinstance(value, BaseException):  # the producer's process is gone or unreachable
+                producer = Action.parse(input_ref.action).stage_idx
+                return StageError(producer, f"action {input_ref.action}", f"{type(value).__name__}: {value}")
+            return (*value, time.time())
 
         return request.then(_arrived)
 
@@ -221,11 +230,10 @@ def _step() -> Any:
 class RpcStageHandle:
     """The driver's handle on stage ``stage_idx``, served by RPC worker ``stage<k>`` at ``rank``."""
 
-    def __init__(self, stage_idx: int, rank: int, timeout_s: float) -> None:
+    def __init__(self, stage_idx: int, rank: int) -> None:
         self.stage_idx = stage_idx
         self.rank = rank
         self.worker = stage_worker_name(stage_idx)
-        self.timeout_s = timeout_s
 
     @property
     def label(self) -> str:
@@ -235,17 +243,17 @@ class RpcStageHandle:
     def issue(self, action: Action, input_ref: Any, target: Any | None) -> IssuedAction:
         """Send ``action`` to the worker; its output stays there, referenced by a :class:`RemoteTensor`."""
         done = rpc.rpc_async(
-            self.worker, _run_action, args=(str(action), input_ref, target), timeout=self.timeout_s
+            self.worker, _run_action, args=(str(action), input_ref, target), timeout=_NO_DEADLINE
         )
         return IssuedAction(output=RemoteTensor(self.worker, str(action)), done=done)
 
     def step(self) -> torch.futures.Future:
         """Step the worker's optimizer; the future carries its report."""
-        return rpc.rpc_async(self.worker, _step, timeout=self.timeout_s)
+        return rpc.rpc_async(self.worker, _step, timeout=_NO_DEADLINE)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
         """Run ``fn(stage, *args)`` on the worker (checkpoints and other whole-stage requests)."""
-        return rpc.rpc_async(self.worker, _call_on_server, args=(fn, *args), timeout=self.timeout_s)
+        return rpc.rpc_async(self.worker, _call_on_server, args=(fn, *args), timeout=_NO_DEADLINE)
 
 
 def _call_on_server(fn: Callable[..., Any], *args: Any) -> Any:

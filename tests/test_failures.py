@@ -1,0 +1,120 @@
+"""A run never hangs: real stage processes are killed mid-forward, mid-backward and mid-optimizer-step.
+
+The model and optimizer of these runs (``tests/slow_parts.py``) are ordinary user code that sleeps and
+records its phase, so the test can kill a real worker PID at a known point; pipetrain has no fault hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Launched
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
+
+TESTS_DIR = Path(__file__).resolve().parent
+SLOW_RUN = [
+    "model._target_=slow_parts.slow_mlp",
+    "+model.delay_s=0.05",
+    "optim=sgd",
+    "optim._target_=slow_parts.SlowSGD",
+    "+optim.delay_s=1.0",
+    "pipeline.balance=[2,2,2]",
+    "pipeline.num_microbatches=4",
+    "train.batch_size=16",
+    "train.steps=1000",
+    "train.log_every=1000",
+]
+
+
+def launch(run_dir: Path, *overrides: str) -> tuple[Launched, Path]:
+    markers = run_dir / "markers"
+    markers.mkdir(parents=True)
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    env["PIPETRAIN_TEST_MARKERS"] = str(markers)
+    args = [sys.executable, "-m", "pipetrain.train", f"hydra.run.dir={run_dir}", *SLOW_RUN, *overrides]
+    return Launched(args, cwd=run_dir, env=env), markers
+
+
+def wait_for_phase(run: Launched, markers: Path, rank: int, phase: str, timeout: float = 60) -> int:
+    """Wait until ``rank`` reports ``phase``; return its pid."""
+    deadline = time.monotonic() + timeout
+    marker = markers / f"rank{rank}"
+    while time.monotonic() < deadline:
+        assert run.process.poll() is None, "the run ended before the phase was reached"
+        if marker.exists():
+            found, pid = marker.read_text().split()
+            if found == phase:
+                return int(pid)
+        time.sleep(0.005)
+    raise AssertionError(f"rank {rank} never reported {phase}")
+
+
+@pytest.mark.parametrize("stage_idx", [0, 1, 2], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("phase", ["forward", "backward", "step"])
+def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, stage_idx, phase):
+    run, markers = launch(tmp_path)
+    rank = stage_idx + 1
+    pid = wait_for_phase(run, markers, rank, phase)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    result = run.finish(timeout=60)
+    stopped_after = time.monotonic() - killed_at
+    assert result.returncode != 0
+    assert stopped_after < 10, f"took {stopped_after:.1f} s to stop"
+    what = {"forward": r"action \dF\d+", "backward": r"action \dB\d+", "step": "optimizer step"}[phase]
+    pattern = rf"run stopped: stage {stage_idx} \(rank {rank}\) failed during ({what}).*lost the connection"
+    assert re.search(pattern, result.output), _driver_lines(result.output)
+
+
+def test_stuck_stage_is_named_after_the_timeout(tmp_path):
+    run, markers = launch(tmp_path, "rpc.timeout_s=3")
+    pid = wait_for_phase(run, markers, 2, "backward")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = run.finish(timeout=60)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert result.returncode != 0
+    assert re.search(r"stage 1 \(rank 2\) failed during action 1B\d+: no progress for 3 s", result.output), (
+        result.output[-3000:]
+    )
+
+
+def test_exception_in_a_stage_reaches_the_driver_with_its_traceback(tmp_path):
+    run, _ = launch(tmp_path, "data.num_classes=20")
+    result = run.finish(timeout=60)
+    assert result.returncode != 0
+    assert "stage 2 (rank 3) failed during action 2F0: IndexError: Target" in result.output
+    assert "--- traceback on stage 2 (rank 3) ---" in result.output
+    assert 'losses.py", line' in result.output
+
+
+def test_nan_loss_stops_the_run(tmp_path):
+    run, _ = launch(tmp_path, "optim.lr=1e30", "train.steps=50")
+    result = run.finish(timeout=90)
+    assert result.returncode != 0
+    assert re.search(
+        r"stage 2 \(rank 3\) failed during action 2F\d+: FloatingPointError: .*is (nan|inf)", result.output
+    )
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    run, markers = launch(tmp_path)
+    wait_for_phase(run, markers, 3, "backward")
+    os.killpg(run.process.pid, signal.SIGINT)
+    result = run.finish(timeout=60)
+    assert result.returncode != 0
+
+
+def _driver_lines(output: str) -> str:
+    return "\n".join(line for line in output.splitlines() if line.startswith("pipetrain")) or output[-3000:]
