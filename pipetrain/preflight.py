@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipetrain.build import MODEL_SPEC_EXTRAS, build_dataset, build_plan, build_schedule_for
+from pipetrain.checkpoint import find_checkpoint, read_manifest
 from pipetrain.config import TrainConfig
 from pipetrain.losses import get_loss
 from pipetrain.partition import StagePlan, partition
@@ -77,7 +78,26 @@ def preflight(cfg: TrainConfig) -> StagePlan:
             "lower train.batch_size or use more data"
         )
     _check_shapes(cfg, model, dataset)
+    if cfg.checkpoint.resume:
+        _check_resume(cfg, plan)
     return plan
+
+
+def _check_resume(cfg: TrainConfig, plan: StagePlan) -> None:
+    step_dir = find_checkpoint(cfg.checkpoint.resume)
+    saved_units = [name for names in read_manifest(step_dir)["stages"] for name in names]
+    units = [name for names in plan.stages for name in names]
+    if saved_units != units:
+        raise ValueError(
+            f"checkpoint.resume: {str(step_dir)!r} was saved from a model with units {saved_units}, but this "
+            f"model has {units}; resume with the same model config"
+        )
+    step = int(read_manifest(step_dir)["step"])
+    if step >= cfg.train.steps:
+        raise ValueError(
+            f"checkpoint.resume: the checkpoint is at step {step} and train.steps={cfg.train.steps}; "
+            "raise train.steps to train further"
+        )
 
 
 def _check_shapes(cfg: TrainConfig, model: torch.nn.Module, dataset) -> None:
