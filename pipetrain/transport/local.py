@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from pipetrain.failures import StageError
 from pipetrain.schedule import Action, ActionKind
 from pipetrain.stage import Stage
 from pipetrain.transport.handle import IssuedAction, completed, failed
@@ -38,16 +39,21 @@ class LocalStageHandle:
             else:
                 output = self.stage.backward(action.mb_idx, input_ref)
         except Exception as error:  # surfaces through the future, like a remote failure
-            return IssuedAction(output=None, done=failed(error))
+            return IssuedAction(
+                output=None, done=failed(StageError.wrap(error, self.stage_idx, f"action {action}"))
+            )
         return IssuedAction(output=output, done=completed(None))
 
     def step(self) -> torch.futures.Future:
         """Step the optimizer now."""
-        return self.call(Stage.step)
+        try:
+            return completed(self.stage.step())
+        except Exception as error:
+            return failed(StageError.wrap(error, self.stage_idx, "optimizer step"))
 
     def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
         """Run ``fn(stage, *args)`` now."""
         try:
             return completed(fn(self.stage, *args))
         except Exception as error:
-            return failed(error)
+            return failed(StageError.wrap(error, self.stage_idx, getattr(fn, "__name__", "request")))
