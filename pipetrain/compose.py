@@ -20,10 +20,12 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 """The ``conf/`` directory shipped with pipetrain."""
 
 
-def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with command-line style ``overrides`` (outside ``@hydra.main``)."""
+def compose_config(
+    overrides: Sequence[str] = (), config_name: str = "train", config_dir: Path = CONF_DIR
+) -> DictConfig:
+    """Compose ``<config_dir>/<config_name>.yaml`` with command-line style ``overrides``."""
     register_schema()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,14 @@ def test_misspelled_key_is_an_error():
         compose_config(["pipeline.stagez=[[a]]"])
     with pytest.raises(ConfigCompositionException, match="train.stepz"):
         compose_config(["train.stepz=3"])
+
+
+def test_misspelled_key_in_a_yaml_file_is_an_error(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "pipeline" / "typo.yaml").write_text("balanse: [3, 3]\nnum_microbatches: 4\n")
+    with pytest.raises(ConfigCompositionException, match="balanse"):
+        compose_config(["pipeline=typo"], config_dir=conf)
 
 
 def test_unknown_group_option_lists_the_known_ones():
