@@ -78,6 +78,11 @@ class RpcConfig:
     """Seconds an RPC may take before the driver declares its stage stuck and stops the run."""
     num_worker_threads: int = 16
     """TensorPipe RPC thread-pool size on every process."""
+    transports: list[str] | None = field(default_factory=lambda: ["uv"])
+    """TensorPipe transports. ``uv`` (TCP) by default: the ``shm`` transport's reactor thread busy-polls a
+    core in every process, which starves the stages' compute where cores are few. ``null``: all."""
+    channels: list[str] | None = field(default_factory=lambda: ["basic"])
+    """TensorPipe channels for tensor payloads (``null``: TensorPipe's default set)."""
 
 
 @dataclass(kw_only=True)

@@ -45,7 +45,7 @@ def check_world_size(plan: StagePlan, world_size: int) -> None:
 
 def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> int:
     """Rank 0: train over RPC stage handles; return the process exit status."""
-    init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc.timeout_s, cfg.rpc.num_worker_threads)
+    init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc)
     handles = [RpcStageHandle(idx, idx + 1) for idx in range(plan.num_stages)]
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     driver = Driver(cfg, handles, plan, batches, run_dir)
@@ -77,7 +77,7 @@ def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, w
     if cfg.checkpoint.resume:
         restore_stage(stage, find_checkpoint(cfg.checkpoint.resume))
     serve(StageServer(stage, build_schedule_for(cfg, plan.num_stages)))
-    init_rpc(stage_worker_name(stage_idx), rank, world_size, cfg.rpc.timeout_s, cfg.rpc.num_worker_threads)
+    init_rpc(stage_worker_name(stage_idx), rank, world_size, cfg.rpc)
     shutdown_rpc(graceful=True)
     return 0
 

@@ -122,6 +122,7 @@ class Settings:
     repeats: int
     stage_threads: int
     run_timeout_s: float
+    pipetrain_overrides: tuple[str, ...] = ()
 
     @property
     def num_stages(self) -> int:
@@ -166,6 +167,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="round-robin repeats (default 3)")
     parser.add_argument("--stage-threads", type=int, default=1, help="OMP_NUM_THREADS of stage processes")
     parser.add_argument("--run-timeout", type=float, default=600.0, help="seconds before a run is stopped")
+    parser.add_argument(
+        "--pipetrain-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra Hydra override for the pipetrain runs (repeatable), e.g. rpc.transports=null",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, m in {2,4}, 1 repeat, 4 steps")
     parser.add_argument("--out", type=Path, default=Path("bench_results"), help="<out>.json, <out>.csv")
     return parser.parse_args(argv)
@@ -201,6 +209,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         repeats=args.repeats or (1 if args.quick else 3),
         stage_threads=args.stage_threads,
         run_timeout_s=args.run_timeout,
+        pipetrain_overrides=tuple(args.pipetrain_override),
     )
     check_settings(settings)
     return settings
@@ -367,6 +376,7 @@ def run_pipetrain(settings: Settings, config: Config, run_dir: Path) -> list[dic
         f"train.steps={settings.steps}",
         "train.log_every=1",
         "log.trace_every=1",
+        *settings.pipetrain_overrides,
     ]
     log_path = run_dir / "bench.log"
     status = run_logged(command, log_path, run_dir, subprocess_env(settings), settings.run_timeout_s)

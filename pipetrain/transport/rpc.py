@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed.rpc as rpc
 
+from pipetrain.config import RpcConfig
 from pipetrain.failures import StageError
 from pipetrain.schedule import Action, ActionKind, Schedule
 from pipetrain.stage import Stage
@@ -264,10 +265,14 @@ def _call_on_server(fn: Callable[..., Any], *args: Any) -> Any:
         return StageError.wrap(error, server.stage.stage_idx, getattr(fn, "__name__", "request"))
 
 
-def init_rpc(name: str, rank: int, world_size: int, timeout_s: float, num_worker_threads: int) -> None:
+def init_rpc(name: str, rank: int, world_size: int, settings: RpcConfig) -> None:
     """Join the RPC group (rendezvous through torchrun's ``MASTER_ADDR`` / ``MASTER_PORT``)."""
     options = rpc.TensorPipeRpcBackendOptions(
-        num_worker_threads=num_worker_threads, rpc_timeout=timeout_s, init_method="env://"
+        num_worker_threads=settings.num_worker_threads,
+        rpc_timeout=settings.timeout_s,
+        init_method="env://",
+        _transports=list(settings.transports) if settings.transports else None,
+        _channels=list(settings.channels) if settings.channels else None,
     )
     rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
 
