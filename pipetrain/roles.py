@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from pathlib import Path
 
 from pipetrain.build import (
@@ -51,7 +52,9 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     driver = Driver(cfg, handles, plan, batches, run_dir)
     previous_handler = signal.signal(signal.SIGTERM, _raise_run_stopped)
     try:
+        wall, cpu = time.monotonic(), time.process_time()
         driver.train(start_step=resume_step(cfg))
+        driver_load = (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-9)
     except StageFailure as failure:
         print(f"pipetrain: run stopped: {failure}", file=sys.stderr, flush=True)
         shutdown_rpc(graceful=False)
@@ -63,7 +66,11 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    print(f"pipetrain: done; TensorBoard: tensorboard --logdir {run_dir}", flush=True)
+    print(
+        f"pipetrain: done (the driver used {driver_load:.0%} of one core); "
+        f"TensorBoard: tensorboard --logdir {run_dir}",
+        flush=True,
+    )
     shutdown_rpc(graceful=True)
     return 0
 
