@@ -20,7 +20,7 @@ from pipetrain.checkpoint import commit_checkpoint, partial_dir, save_stage
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.executor import execute, wait_all
-from pipetrain.metrics import MetricsLogger, format_progress, step_metrics
+from pipetrain.metrics import MetricsLogger, StepMetrics, format_progress, step_metrics
 from pipetrain.partition import StagePlan
 from pipetrain.schedule import Schedule
 from pipetrain.timings import StageReport
@@ -99,7 +99,7 @@ class Driver:
         """Run the remaining steps; return the loss of every step run."""
         cfg = self.cfg
         losses: list[float] = []
-        metrics = None
+        last_metrics: StepMetrics | None = None
         try:
             for step in range(start_step, cfg.train.steps):
                 inputs, targets = self.batches.batch(step)
@@ -112,32 +112,39 @@ class Driver:
                     timeout_s=cfg.rpc.timeout_s,
                 )
                 losses.append(result.loss)
-                is_last = step + 1 == cfg.train.steps
-                if (step + 1) % cfg.train.log_every == 0 or is_last:
-                    metrics = step_metrics(
-                        step + 1,
-                        result.loss,
-                        cfg.train.batch_size,
-                        result.step_time_s,
-                        result.window_s,
-                        result.reports,
-                        self.schedule,
-                    )
-                    self.print_fn(format_progress(metrics, cfg.train.steps))
-                    if self.logger is not None:
-                        self.logger.log_step(metrics)
-                trace_due = cfg.log.trace_every and (step + 1) % cfg.log.trace_every == 0
-                if self.logger is not None and (trace_due or is_last):
-                    self.logger.write_trace(step + 1, result.reports)
-                checkpoint_due = cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0
-                if self.run_dir is not None and (checkpoint_due or is_last):
-                    self.save_checkpoint(step + 1)
-            if self.logger is not None and metrics is not None:
-                self.logger.log_hparams(_hparams(cfg, len(self.handles)), _final_figures(metrics))
+                last_metrics = self._record(step + 1, result) or last_metrics
+            if self.logger is not None and last_metrics is not None:
+                self.logger.log_hparams(_hparams(cfg, len(self.handles)), _final_figures(last_metrics))
         finally:
             if self.logger is not None:
                 self.logger.close()
         return losses
+
+    def _record(self, steps_done: int, result: StepResult) -> StepMetrics | None:
+        """Log, trace and checkpoint as configured after ``steps_done`` steps; the metrics if logged."""
+        cfg = self.cfg
+        is_last = steps_done == cfg.train.steps
+        metrics = None
+        if steps_done % cfg.train.log_every == 0 or is_last:
+            metrics = step_metrics(
+                steps_done,
+                result.loss,
+                cfg.train.batch_size,
+                result.step_time_s,
+                result.window_s,
+                result.reports,
+                self.schedule,
+            )
+            self.print_fn(format_progress(metrics, cfg.train.steps))
+            if self.logger is not None:
+                self.logger.log_step(metrics)
+        trace_due = cfg.log.trace_every and steps_done % cfg.log.trace_every == 0
+        if self.logger is not None and (trace_due or is_last):
+            self.logger.write_trace(steps_done, result.reports)
+        checkpoint_due = cfg.checkpoint.every and steps_done % cfg.checkpoint.every == 0
+        if self.run_dir is not None and (checkpoint_due or is_last):
+            self.save_checkpoint(steps_done)
+        return metrics
 
     def save_checkpoint(self, step: int) -> Path:
         """Every stage writes its file in parallel; the checkpoint is committed once all are written."""
@@ -175,7 +182,7 @@ def _hparams(cfg: TrainConfig, num_stages: int) -> dict[str, Any]:
     }
 
 
-def _final_figures(metrics: Any) -> dict[str, float]:
+def _final_figures(metrics: StepMetrics) -> dict[str, float]:
     return {
         "final_loss": metrics.loss,
         "samples_per_sec": metrics.samples_per_sec,
