@@ -1,8 +1,8 @@
 """torchrun entry point: every rank composes the same config; rank 0 drives, rank k+1 serves stage k.
 
-    torchrun --nproc-per-node=3 -m pipetrain.worker pipeline.balance=[2,2,2] pipeline.num_microbatches=8
+    torchrun --nproc-per-node=4 -m pipetrain.worker pipeline.balance=[2,2,2] pipeline.num_microbatches=8
     torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
-        -m pipetrain.worker experiment=gpt                    # multi-node: same command on every node
+        -m pipetrain.worker pipeline.balance=[2,2,2]         # multi-node: same command on every node
 
 Arguments are Hydra overrides, exactly as for ``python -m pipetrain.train``.
 """
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run this process's role; return its exit status."""
     overrides = sys.argv[1:] if argv is None else argv
     _exit_with_launcher()
+    _stay_on_loopback()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     composed.run_dir = str(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed, resolve=True))
     return drive(cfg, plan, world_size, run_dir)
+
+
+def _stay_on_loopback() -> None:
+    """A rendezvous on loopback keeps RPC's own sockets on loopback too (unless told otherwise)."""
+    if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
+        os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def _exit_with_launcher() -> None:
