@@ -1,10 +1,10 @@
-"""Run a schedule over stage handles: the only place where action ordering and dependencies live.
+"""Run a schedule over stage handles: the only place where action ordering is turned into calls.
 
-Rules (the same the simulator in :mod:`pipetrain.schedule` uses): each stage runs its actions one at a
-time in schedule order; ``F(s, mb)`` consumes the output of ``F(s-1, mb)``; ``B(s, mb)`` consumes the
-input gradient produced by ``B(s+1, mb)``. The executor issues an action once the stage's previous action
-is issued and the action it consumes is issued (its output *reference* exists); the stage itself waits
-for the value. In-process handles run each action on issue, which this order makes correct.
+The dependency rules are :mod:`pipetrain.schedule.order`'s, shared with the simulator and validator.
+The executor issues the actions in one of the schedule's feasible execution orders, so an action is
+issued after its stage's previous action and after the action it consumes (its output *reference*
+exists); the stage itself waits for the value. In-process handles run each action on issue, which this
+order makes correct.
 """
 
 from __future__ import annotations
@@ -17,23 +17,12 @@ from typing import Any
 import torch
 
 from pipetrain.failures import RunStopped, StageError, StageFailure
-from pipetrain.schedule import Action, ActionKind, Schedule
+from pipetrain.schedule import Action, ActionKind, Schedule, execution_order, input_dependency
 from pipetrain.transport.handle import StageHandle
 
-__all__ = ["StageFailure", "input_dependency", "execute", "wait_all"]  # StageFailure re-exported
+__all__ = ["StageFailure", "execute", "wait_all"]  # StageFailure re-exported
 
 _NAME_THE_CAUSE_S = 3.0
-
-
-def input_dependency(action: Action, num_stages: int) -> Action | None:
-    """The action whose output ``action`` consumes, or ``None`` when it comes from the driver / the loss."""
-    if action.kind == ActionKind.FORWARD:
-        if action.stage_idx == 0:
-            return None
-        return Action(action.stage_idx - 1, ActionKind.FORWARD, action.mb_idx)
-    if action.stage_idx == num_stages - 1:
-        return None
-    return Action(action.stage_idx + 1, ActionKind.BACKWARD, action.mb_idx)
 
 
 def execute(
@@ -49,34 +38,24 @@ def execute(
     Raises :class:`StageFailure` for the first action to fail, or when ``timeout_s`` passes first.
     """
     num_stages = len(handles)
+    order, stuck = execution_order(schedule, num_stages)
+    if stuck:
+        raise RuntimeError(
+            f"schedule cannot make progress; stuck at actions {sorted(map(str, stuck.values()))}"
+        )
     outputs: dict[Action, Any] = {}
-    cursors = [0] * num_stages
     in_flight: list[tuple[Action, torch.futures.Future]] = []
-    remaining = sum(len(actions) for actions in schedule.values())
-    while remaining:
-        progressed = False
-        for stage_idx in range(num_stages):
-            actions = schedule[stage_idx]
-            while cursors[stage_idx] < len(actions):
-                action = actions[cursors[stage_idx]]
-                dependency = input_dependency(action, num_stages)
-                if dependency is not None and dependency not in outputs:
-                    break
-                if action.kind == ActionKind.FORWARD and stage_idx == 0:
-                    input_ref = inputs[action.mb_idx]
-                else:
-                    input_ref = outputs.pop(dependency) if dependency is not None else None
-                is_loss_forward = action.kind == ActionKind.FORWARD and stage_idx == num_stages - 1
-                target = targets[action.mb_idx] if is_loss_forward else None
-                issued = handles[stage_idx].issue(action, input_ref, target)
-                outputs[action] = issued.output
-                in_flight.append((action, issued.done))
-                cursors[stage_idx] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            stuck = [str(schedule[s][cursors[s]]) for s in range(num_stages) if cursors[s] < len(schedule[s])]
-            raise RuntimeError(f"schedule cannot make progress; stuck at actions {stuck}")
+    for action in order:
+        dependency = input_dependency(action, num_stages)
+        is_forward = action.kind == ActionKind.FORWARD
+        if is_forward and action.stage_idx == 0:
+            input_ref = inputs[action.mb_idx]
+        else:
+            input_ref = outputs.pop(dependency) if dependency is not None else None
+        target = targets[action.mb_idx] if is_forward and action.stage_idx == num_stages - 1 else None
+        issued = handles[action.stage_idx].issue(action, input_ref, target)
+        outputs[action] = issued.output
+        in_flight.append((action, issued.done))
     labels = {handle.stage_idx: handle.label for handle in handles}
     actions = [action for action, _ in in_flight]
 

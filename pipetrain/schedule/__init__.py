@@ -11,6 +11,7 @@ Pure Python (no torch), so schedules can be inspected and tested without any dev
 from pipetrain.schedule.actions import Action, ActionKind, Schedule
 from pipetrain.schedule.builders import SCHEDULE_BUILDERS, build_schedule, gpipe, one_f_one_b
 from pipetrain.schedule.csv_io import load_schedule_csv, save_schedule_csv
+from pipetrain.schedule.order import dependencies, execution_order, input_dependency, output_consumer
 from pipetrain.schedule.simulate import StageCosts, TimedAction, Timeline, render_timeline, simulate
 from pipetrain.schedule.validate import validate_schedule
 
@@ -23,9 +24,13 @@ __all__ = [
     "TimedAction",
     "Timeline",
     "build_schedule",
+    "dependencies",
+    "execution_order",
     "gpipe",
+    "input_dependency",
     "load_schedule_csv",
     "one_f_one_b",
+    "output_consumer",
     "render_timeline",
     "save_schedule_csv",
     "simulate",

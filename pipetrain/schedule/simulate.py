@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass
 
 from pipetrain.schedule.actions import Action, ActionKind, Schedule
-from pipetrain.schedule.validate import _dependencies, _execution_order, validate_schedule
+from pipetrain.schedule.order import dependencies, execution_order
+from pipetrain.schedule.validate import validate_schedule
 
 __all__ = ["StageCosts", "TimedAction", "Timeline", "render_timeline", "simulate"]
 
@@ -116,12 +117,12 @@ def simulate(schedule: Schedule, costs: StageCosts | None = None) -> Timeline:
     if costs.num_stages != num_stages:
         raise ValueError(f"StageCosts describe {costs.num_stages} stages but the schedule has {num_stages}")
 
-    order, _ = _execution_order(schedule, num_stages)
+    order, _ = execution_order(schedule, num_stages)
     end: dict[Action, float] = {}
     entries: dict[int, list[TimedAction]] = {s: [] for s in range(num_stages)}
     for a in order:
         row = entries[a.stage_idx]
-        start = max([row[-1].end if row else 0.0] + [end[d] for d in _dependencies(a, num_stages)])
+        start = max([row[-1].end if row else 0.0] + [end[d] for d in dependencies(a, num_stages)])
         end[a] = start + costs.cost(a)
         row.append(TimedAction(a, start, end[a]))
     return Timeline(num_stages, num_microbatches, entries)

@@ -1,8 +1,6 @@
 """Static checks of a schedule: completeness, ordering and freedom from deadlock.
 
-Dependency rules (the runtime obeys the same): each stage runs its actions one at a time in
-list order; ``F(s, mb)`` needs ``F(s-1, mb)`` done (``s > 0``); ``B(s, mb)`` needs ``F(s, mb)``
-done and, if ``s < S-1``, ``B(s+1, mb)`` done.
+The dependency rules live in :mod:`pipetrain.schedule.order`.
 """
 
 from __future__ import annotations
@@ -10,41 +8,9 @@ from __future__ import annotations
 from collections import Counter
 
 from pipetrain.schedule.actions import Action, ActionKind, Schedule
+from pipetrain.schedule.order import dependencies, execution_order
 
 __all__ = ["validate_schedule"]
-
-
-def _dependencies(action: Action, num_stages: int) -> list[Action]:
-    """Actions on other stages (or the same one) that must finish before ``action`` starts."""
-    s, mb = action.stage_idx, action.mb_idx
-    if action.kind is ActionKind.FORWARD:
-        return [Action(s - 1, ActionKind.FORWARD, mb)] if s > 0 else []
-    deps = [Action(s, ActionKind.FORWARD, mb)]
-    if s < num_stages - 1:
-        deps.append(Action(s + 1, ActionKind.BACKWARD, mb))
-    return deps
-
-
-def _execution_order(schedule: Schedule, num_stages: int) -> tuple[list[Action], dict[int, Action]]:
-    """Run every stage as far as its dependencies allow.
-
-    Returns the actions in one feasible execution order and, for each stage that could not
-    finish, the next action it is stuck on (empty when the schedule completes).
-    """
-    pos = dict.fromkeys(schedule, 0)
-    done: set[Action] = set()
-    order: list[Action] = []
-    progress = True
-    while progress:
-        progress = False
-        for s, actions in schedule.items():
-            while pos[s] < len(actions) and done.issuperset(_dependencies(actions[pos[s]], num_stages)):
-                done.add(actions[pos[s]])
-                order.append(actions[pos[s]])
-                pos[s] += 1
-                progress = True
-    stuck = {s: actions[pos[s]] for s, actions in schedule.items() if pos[s] < len(actions)}
-    return order, stuck
 
 
 def _check_stage(s: int, actions: list[Action], num_microbatches: int) -> None:
@@ -90,11 +56,11 @@ def validate_schedule(schedule: Schedule, num_stages: int, num_microbatches: int
     for s in range(num_stages):
         _check_stage(s, schedule[s], num_microbatches)
 
-    order, stuck = _execution_order(schedule, num_stages)
+    order, stuck = execution_order(schedule, num_stages)
     if stuck:
         done = set(order)
         waits = []
         for s, a in sorted(stuck.items()):
-            unmet = " and ".join(str(d) for d in _dependencies(a, num_stages) if d not in done)
+            unmet = " and ".join(str(d) for d in dependencies(a, num_stages) if d not in done)
             waits.append(f"stage {s} stuck at {a} (waiting for {unmet})")
         raise ValueError("schedule deadlocks, no stage can make progress: " + "; ".join(waits))

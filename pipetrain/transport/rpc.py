@@ -33,7 +33,7 @@ import torch.distributed.rpc as rpc
 
 from pipetrain.config import RpcConfig
 from pipetrain.failures import StageError
-from pipetrain.schedule import Action, ActionKind, Schedule
+from pipetrain.schedule import Action, ActionKind, Schedule, output_consumer
 from pipetrain.stage import Stage
 from pipetrain.timings import SpanCategory
 from pipetrain.transport.handle import IssuedAction, completed
@@ -100,7 +100,7 @@ class StageServer:
                     output = self.stage.forward(action.mb_idx, tensor, target)
                 else:
                     output = self.stage.backward(action.mb_idx, tensor)
-                if self._has_consumer(action):
+                if output_consumer(action, self.stage.num_stages) is not None:
                     self._outbox_future(action).set_result((output.detach().cpu(), time.time()))
                 self._free_at[position] = time.time()
                 finished.set_result(None)
@@ -134,11 +134,6 @@ class StageServer:
             self._free_at.clear()
             self._outbox.clear()
         return report
-
-    def _has_consumer(self, action: Action) -> bool:
-        if action.kind == ActionKind.FORWARD:
-            return action.stage_idx < self.stage.num_stages - 1
-        return action.stage_idx > 0
 
     def _input_future(self, input_ref: Any) -> torch.futures.Future:
         """Future of ``(tensor, produced_at, arrived_at)`` for an action's input."""
