@@ -16,7 +16,7 @@ from pipetrain.checkpoint import find_checkpoint, read_manifest, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.losses import get_loss
 from pipetrain.models import model_units
-from pipetrain.partition import StagePlan, partition, plan_stages
+from pipetrain.partition import StageModule, StagePlan, partition, plan_stages
 from pipetrain.schedule import Schedule, build_schedule
 from pipetrain.stage import Stage
 from pipetrain.targets import call_target
@@ -77,13 +77,12 @@ def stage_device(cfg: TrainConfig, stage_idx: int, local_rank: int | None = None
 
 
 def build_stage(
-    cfg: TrainConfig, model: nn.Module, plan: StagePlan, stage_idx: int, device: torch.device
+    cfg: TrainConfig, module: StageModule, stage_idx: int, num_stages: int, device: torch.device
 ) -> Stage:
-    """Stage ``stage_idx`` of ``plan``, cut from ``model``, with its own optimizer."""
-    module = partition(model, plan)[stage_idx]
+    """Stage ``stage_idx`` of ``num_stages``, holding ``module``, with its own optimizer."""
     return Stage(
         stage_idx=stage_idx,
-        num_stages=plan.num_stages,
+        num_stages=num_stages,
         module=module,
         device=device,
         optimizer_factory=call_target(cfg.optim, "optim"),
@@ -100,7 +99,10 @@ def build_stages(
     model = build_model(cfg)
     plan = build_plan(cfg, model)
     devices = devices or [stage_device(cfg, idx) for idx in range(plan.num_stages)]
-    stages = [build_stage(cfg, model, plan, idx, devices[idx]) for idx in range(plan.num_stages)]
+    modules = partition(model, plan)
+    stages = [
+        build_stage(cfg, module, idx, plan.num_stages, devices[idx]) for idx, module in enumerate(modules)
+    ]
     if cfg.checkpoint.resume:
         step_dir = find_checkpoint(cfg.checkpoint.resume)
         for stage in stages:

@@ -20,7 +20,7 @@ from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
 from pipetrain.failures import RunStopped, StageFailure
-from pipetrain.partition import StagePlan
+from pipetrain.partition import StagePlan, partition
 from pipetrain.transport.rpc import (
     DRIVER_NAME,
     RpcStageHandle,
@@ -79,7 +79,8 @@ def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, w
     """Rank ``k+1``: build stage ``k`` on its device and serve it until the driver is done."""
     stage_idx = rank - 1
     model = build_model(cfg)
-    stage = build_stage(cfg, model, plan, stage_idx, stage_device(cfg, stage_idx, local_rank))
+    module = partition(model, plan)[stage_idx]
+    stage = build_stage(cfg, module, stage_idx, plan.num_stages, stage_device(cfg, stage_idx, local_rank))
     del model
     if cfg.checkpoint.resume:
         restore_stage(stage, find_checkpoint(cfg.checkpoint.resume))

@@ -61,6 +61,7 @@ class Stage:
         self._losses: dict[int, float] = {}
         self._spans: list[Span] = []
         self._saved_bytes: dict[int, int] = {}
+        self._held_bytes = 0
         self._peak_saved_bytes = 0
         self._parameter_storages = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
 
@@ -98,7 +99,8 @@ class Stage:
         self._inputs[mb_idx] = x
         self._outputs[mb_idx] = output
         self._saved_bytes[mb_idx] = saved[0]
-        self._peak_saved_bytes = max(self._peak_saved_bytes, sum(self._saved_bytes.values()))
+        self._held_bytes += saved[0]
+        self._peak_saved_bytes = max(self._peak_saved_bytes, self._held_bytes)
         self._record(Action(self.stage_idx, ActionKind.FORWARD, mb_idx), start)
         return output.detach()
 
@@ -111,7 +113,7 @@ class Stage:
         start = time.time()
         output = self._outputs.pop(mb_idx)
         x = self._inputs.pop(mb_idx)
-        self._saved_bytes.pop(mb_idx, None)
+        self._held_bytes -= self._saved_bytes.pop(mb_idx)
         grad = None if self.is_last else grad_output.to(self.device, non_blocking=True)
         if output.requires_grad:
             torch.autograd.backward(output, grad)
