@@ -96,14 +96,18 @@ def plan_stages(
     return _plan_from_names(unit_names, stages)
 
 
-def _plan_from_balance(unit_names: Sequence[str], balance: Sequence[int]) -> StagePlan:
-    if len(balance) == 0:
-        raise ValueError("pipeline.balance: empty; give one unit count per stage, e.g. [3, 3]")
-    if len(balance) > len(unit_names):
+def _check_stage_count(key: str, num_stages: int, unit_names: Sequence[str], per_stage: str) -> None:
+    if num_stages == 0:
+        raise ValueError(f"{key}: empty; give {per_stage} per stage")
+    if num_stages > len(unit_names):
         raise ValueError(
-            f"pipeline.balance: {len(balance)} stages but the model has only {len(unit_names)} units "
+            f"{key}: {num_stages} stages but the model has only {len(unit_names)} units "
             f"({list(unit_names)}); use at most {len(unit_names)} stages"
         )
+
+
+def _plan_from_balance(unit_names: Sequence[str], balance: Sequence[int]) -> StagePlan:
+    _check_stage_count("pipeline.balance", len(balance), unit_names, "one unit count (e.g. [3, 3])")
     for idx, count in enumerate(balance):
         if count < 1:
             raise ValueError(f"pipeline.balance: stage {idx} has {count} units; every stage needs >= 1")
@@ -120,13 +124,7 @@ def _plan_from_balance(unit_names: Sequence[str], balance: Sequence[int]) -> Sta
 
 
 def _plan_from_names(unit_names: Sequence[str], stages: Sequence[Sequence[str]]) -> StagePlan:
-    if len(stages) == 0:
-        raise ValueError("pipeline.stages: empty; give one list of unit names per stage")
-    if len(stages) > len(unit_names):
-        raise ValueError(
-            f"pipeline.stages: {len(stages)} stages but the model has only {len(unit_names)} units; "
-            f"use at most {len(unit_names)} stages"
-        )
+    _check_stage_count("pipeline.stages", len(stages), unit_names, "one list of unit names")
     position = {name: idx for idx, name in enumerate(unit_names)}
     owner: dict[str, int] = {}
     for stage_idx, names in enumerate(stages):

@@ -85,14 +85,15 @@ def preflight(cfg: TrainConfig) -> StagePlan:
 
 def _check_resume(cfg: TrainConfig, plan: StagePlan) -> None:
     step_dir = find_checkpoint(cfg.checkpoint.resume)
-    saved_units = [name for names in read_manifest(step_dir)["stages"] for name in names]
+    manifest = read_manifest(step_dir)
+    saved_units = [name for names in manifest["stages"] for name in names]
     units = [name for names in plan.stages for name in names]
     if saved_units != units:
         raise ValueError(
             f"checkpoint.resume: {str(step_dir)!r} was saved from a model with units {saved_units}, but this "
             f"model has {units}; resume with the same model config"
         )
-    step = int(read_manifest(step_dir)["step"])
+    step = int(manifest["step"])
     if step >= cfg.train.steps:
         raise ValueError(
             f"checkpoint.resume: the checkpoint is at step {step} and train.steps={cfg.train.steps}; "
