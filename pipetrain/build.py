@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipetrain.checkpoint import find_checkpoint, read_manifest, restore_stage
+from pipetrain.checkpoint import find_checkpoint, load_checkpoint, read_manifest, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.losses import get_loss
 from pipetrain.models import model_units
@@ -104,9 +104,9 @@ def build_stages(
         build_stage(cfg, module, idx, plan.num_stages, devices[idx]) for idx, module in enumerate(modules)
     ]
     if cfg.checkpoint.resume:
-        step_dir = find_checkpoint(cfg.checkpoint.resume)
+        saved = load_checkpoint(find_checkpoint(cfg.checkpoint.resume))
         for stage in stages:
-            restore_stage(stage, step_dir)
+            restore_stage(stage, saved)
     return plan, stages
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ __all__ = [
     "commit_checkpoint",
     "find_checkpoint",
     "read_manifest",
+    "SavedCheckpoint",
+    "load_checkpoint",
     "merged_model_state",
     "restore_stage",
     "main",
@@ -120,49 +123,62 @@ def read_manifest(step_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(step_dir) / MANIFEST).read_text())
 
 
-def _stage_payloads(step_dir: Path) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A committed checkpoint, read once: the merged state every stage restores its part from."""
+
+    step: int
+    model_state: dict[str, torch.Tensor]
+    """Parameters and buffers of the whole model, by full-model name."""
+    optimizer_state: dict[str, Any]
+    """Per-parameter optimizer state, by full-model name."""
+    param_groups: list[dict[str, Any]]
+    """Optimizer hyper-parameters (of stage 0's optimizer)."""
+    rng_by_stage: dict[tuple[int, tuple[str, ...]], torch.Tensor]
+    """RNG state by ``(stage index, unit names)``: restored only under the same split."""
+
+
+def load_checkpoint(step_dir: str | Path) -> SavedCheckpoint:
+    """Read every stage file of a committed checkpoint."""
+    step_dir = Path(step_dir)
     manifest = read_manifest(step_dir)
-    return [
-        torch.load(step_dir / f"stage{idx}.pt", map_location="cpu", weights_only=False)
-        for idx in range(manifest["num_stages"])
-    ]
+    model_state: dict[str, torch.Tensor] = {}
+    optimizer_state: dict[str, Any] = {}
+    param_groups: list[dict[str, Any]] = []
+    rng: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
+    for idx in range(manifest["num_stages"]):
+        payload = torch.load(step_dir / f"stage{idx}.pt", map_location="cpu", weights_only=False)
+        model_state.update(payload["model"])
+        optimizer_state.update(payload["optimizer"]["state"])
+        param_groups = param_groups or payload["optimizer"]["param_groups"]
+        rng[(payload["stage_idx"], tuple(payload["unit_names"]))] = payload["rng"]["torch"]
+    return SavedCheckpoint(int(manifest["step"]), model_state, optimizer_state, param_groups, rng)
 
 
 def merged_model_state(step_dir: str | Path) -> dict[str, torch.Tensor]:
     """One ``state_dict`` of the unsplit model, from every stage file of a checkpoint."""
-    state: dict[str, torch.Tensor] = {}
-    for payload in _stage_payloads(Path(step_dir)):
-        state.update(payload["model"])
-    return state
+    return load_checkpoint(step_dir).model_state
 
 
-def restore_stage(stage: Stage, step_dir: str | Path) -> int:
-    """Load weights, optimizer state and (same split only) RNG into ``stage``; return the saved step.
+def restore_stage(stage: Stage, saved: SavedCheckpoint) -> None:
+    """Load weights, optimizer state and (same split only) RNG into ``stage``.
 
     Works under a different split: every parameter is found by its full-model name in whichever stage
-    file holds it, with its optimizer state when the saved optimizer kept state per parameter.
+    file held it, with its optimizer state when the saved optimizer kept state per parameter.
     """
-    step_dir = Path(step_dir)
-    payloads = _stage_payloads(step_dir)
-    model_state: dict[str, torch.Tensor] = {}
-    optimizer_state: dict[str, Any] = {}
-    for payload in payloads:
-        model_state.update(payload["model"])
-        optimizer_state.update(payload["optimizer"]["state"])
-    stage.module.load_full_state_dict(model_state)
+    stage.module.load_full_state_dict(saved.model_state)
     names = [stage.module.to_full_name(name) for name, _ in stage.module.named_parameters()]
-    current = stage.optimizer.state_dict()
-    saved_groups = payloads[0]["optimizer"]["param_groups"]
     groups = [
-        {**saved_groups[min(i, len(saved_groups) - 1)], "params": group["params"]}
-        for i, group in enumerate(current["param_groups"])
+        {**saved.param_groups[min(i, len(saved.param_groups) - 1)], "params": group["params"]}
+        for i, group in enumerate(stage.optimizer.state_dict()["param_groups"])
     ]
-    state = {idx: optimizer_state[name] for idx, name in enumerate(names) if name in optimizer_state}
+    state = {
+        idx: saved.optimizer_state[name] for idx, name in enumerate(names) if name in saved.optimizer_state
+    }
     stage.optimizer.load_state_dict({"state": state, "param_groups": groups})
-    own = next((p for p in payloads if p["unit_names"] == list(stage.module.unit_names)), None)
-    if own is not None and own["stage_idx"] == stage.stage_idx:
-        torch.set_rng_state(own["rng"]["torch"])
-    return int(read_manifest(step_dir)["step"])
+    rng = saved.rng_by_stage.get((stage.stage_idx, tuple(stage.module.unit_names)))
+    if rng is not None:
+        torch.set_rng_state(rng)
 
 
 def main(argv: list[str] | None = None) -> int:

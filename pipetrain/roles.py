@@ -15,7 +15,7 @@ from pipetrain.build import (
     resume_step,
     stage_device,
 )
-from pipetrain.checkpoint import find_checkpoint, restore_stage
+from pipetrain.checkpoint import find_checkpoint, load_checkpoint, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
@@ -83,7 +83,7 @@ def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, w
     stage = build_stage(cfg, module, stage_idx, plan.num_stages, stage_device(cfg, stage_idx, local_rank))
     del model
     if cfg.checkpoint.resume:
-        restore_stage(stage, find_checkpoint(cfg.checkpoint.resume))
+        restore_stage(stage, load_checkpoint(find_checkpoint(cfg.checkpoint.resume)))
     serve(StageServer(stage, build_schedule_for(cfg, plan.num_stages)))
     init_rpc(stage_worker_name(stage_idx), rank, world_size, cfg.rpc)
     shutdown_rpc(graceful=True)
