@@ -63,15 +63,12 @@ def run_step(
     num_microbatches: int,
     timeout_s: float | None = None,
 ) -> StepResult:
-    """One optimizer step: run every action of ``schedule``, then step every stage in parallel."""
+    """One optimizer step: every action of ``schedule``, and each stage's optimizer step after its own."""
     start = time.time()
     micro_inputs, micro_targets = split_microbatches(inputs, targets, num_microbatches)
-    execute(schedule, handles, micro_inputs, micro_targets, timeout_s=timeout_s)
-    window_end = time.time()
-    steps = [(handle.label, "optimizer step", handle.step()) for handle in handles]
-    reports = tuple(wait_all(steps, timeout_s))
-    loss = sum(reports[-1].losses)
-    return StepResult(loss, reports, window_end - start, time.time() - start)
+    executed = execute(schedule, handles, micro_inputs, micro_targets, timeout_s=timeout_s)
+    loss = sum(executed.reports[-1].losses)
+    return StepResult(loss, executed.reports, executed.actions_done_at - start, time.time() - start)
 
 
 class Driver:

@@ -4,7 +4,8 @@ The dependency rules are :mod:`pipetrain.schedule.order`'s, shared with the simu
 The executor issues the actions in one of the schedule's feasible execution orders, so an action is
 issued after its stage's previous action and after the action it consumes (its output *reference*
 exists); the stage itself waits for the value. In-process handles run each action on issue, which this
-order makes correct.
+order makes correct. Each stage's optimizer step is requested with the actions and runs as soon as that
+stage's own actions are done, so a stage that finishes early steps while the others drain.
 """
 
 from __future__ import annotations
@@ -12,17 +13,29 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipetrain.failures import RunStopped, StageError, StageFailure
 from pipetrain.schedule import Action, ActionKind, Schedule, execution_order, input_dependency
+from pipetrain.timings import StageReport
 from pipetrain.transport.handle import StageHandle
 
-__all__ = ["StageFailure", "execute", "wait_all"]  # StageFailure re-exported
+__all__ = ["ExecutedStep", "StageFailure", "execute", "wait_all"]  # StageFailure re-exported
 
 _NAME_THE_CAUSE_S = 3.0
+
+
+@dataclass(frozen=True)
+class ExecutedStep:
+    """What :func:`execute` observed."""
+
+    reports: tuple[StageReport, ...]
+    """Each stage's report, in stage order."""
+    actions_done_at: float
+    """``time.time()`` when the schedule's last action was done (before the last optimizer step)."""
 
 
 def execute(
@@ -31,11 +44,12 @@ def execute(
     inputs: Sequence[Any],
     targets: Sequence[Any],
     timeout_s: float | None = None,
-) -> None:
-    """Run every action of ``schedule`` and wait until all are done.
+) -> ExecutedStep:
+    """Run every action of ``schedule``, then every stage's optimizer step; wait until all are done.
 
     ``inputs[mb]`` goes to stage 0's forward of micro-batch ``mb``, ``targets[mb]`` to the last stage's.
-    Raises :class:`StageFailure` for the first action to fail, or when ``timeout_s`` passes first.
+    Raises :class:`StageFailure` for the first action or step to fail, or when nothing completes for
+    ``timeout_s`` seconds.
     """
     num_stages = len(handles)
     order, stuck = execution_order(schedule, num_stages)
@@ -44,7 +58,7 @@ def execute(
             f"schedule cannot make progress; stuck at actions {sorted(map(str, stuck.values()))}"
         )
     outputs: dict[Action, Any] = {}
-    in_flight: list[tuple[Action, torch.futures.Future]] = []
+    issued: list[tuple[Action, torch.futures.Future]] = []
     for action in order:
         dependency = input_dependency(action, num_stages)
         is_forward = action.kind == ActionKind.FORWARD
@@ -53,21 +67,24 @@ def execute(
         else:
             input_ref = outputs.pop(dependency) if dependency is not None else None
         target = targets[action.mb_idx] if is_forward and action.stage_idx == num_stages - 1 else None
-        issued = handles[action.stage_idx].issue(action, input_ref, target)
-        outputs[action] = issued.output
-        in_flight.append((action, issued.done))
+        handed = handles[action.stage_idx].issue(action, input_ref, target)
+        outputs[action] = handed.output
+        issued.append((action, handed.done))
+    actions_done_at = torch.futures.collect_all([done for _, done in issued]).then(lambda _: time.time())
+    steps = [(handle.stage_idx, handle.step()) for handle in handles]
     labels = {handle.stage_idx: handle.label for handle in handles}
-    actions = [action for action, _ in in_flight]
+    # Entry i of the wait: action i, then each stage's optimizer step.
+    entry_stages = [action.stage_idx for action, _ in issued] + [stage_idx for stage_idx, _ in steps]
 
     def _blame(ok: list[bool], failed_index: int | None) -> int:
-        """The action to name: the one running on the failed stage, or the stuck one."""
+        """The entry to name: what the failed stage was running, or what is stuck."""
         if failed_index is not None:  # a stage's process is gone: name what it was running
-            stage_idx = actions[failed_index].stage_idx
-            return next(i for i, a in enumerate(actions) if a.stage_idx == stage_idx and not ok[i])
-        # Stuck: a stage's first unfinished action whose input is there; the earliest such.
-        finished = {action for action, is_ok in zip(actions, ok, strict=True) if is_ok}
+            stage_idx = entry_stages[failed_index]
+            return next(i for i, stage in enumerate(entry_stages) if stage == stage_idx and not ok[i])
+        # Stuck: a stage's first unfinished action whose input is there (the earliest such), else a step.
+        finished = {action for (action, _), is_ok in zip(issued, ok, strict=False) if is_ok}
         seen_stages: set[int] = set()
-        for index, action in enumerate(actions):
+        for index, (action, _) in enumerate(issued):
             if ok[index] or action.stage_idx in seen_stages:
                 continue
             seen_stages.add(action.stage_idx)
@@ -76,12 +93,10 @@ def execute(
                 return index
         return ok.index(False)
 
-    wait_all(
-        [(labels[action.stage_idx], f"action {action}", done) for action, done in in_flight],
-        timeout_s,
-        labels,
-        _blame,
-    )
+    pending = [(labels[action.stage_idx], f"action {action}", done) for action, done in issued]
+    pending += [(labels[stage_idx], "optimizer step", reported) for stage_idx, reported in steps]
+    values = wait_all(pending, timeout_s, labels, _blame)
+    return ExecutedStep(reports=tuple(values[len(issued) :]), actions_done_at=actions_done_at.wait())
 
 
 def wait_all(

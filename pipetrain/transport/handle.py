@@ -46,7 +46,10 @@ class StageHandle(Protocol):
         ...
 
     def step(self) -> torch.futures.Future:
-        """Step the stage's optimizer; the future carries the stage's :class:`StageReport` for the step."""
+        """Step the stage's optimizer once the actions issued to it for this step are done.
+
+        May be called right after issuing them. The future carries the stage's :class:`StageReport`.
+        """
         ...
 
     def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,7 @@ class StageServer:
         self._done: dict[int, torch.futures.Future] = {}
         self._free_at: dict[int, float] = {}
         self._outbox: dict[Action, torch.futures.Future] = {}
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage.stage_idx}")
 
     def run_action(self, action: Action, input_ref: Any, target: torch.Tensor | None) -> torch.futures.Future:
         """Queue ``action``; the future completes when it has run on this stage."""
@@ -112,7 +114,9 @@ class StageServer:
                     if not future.done():
                         future.set_exception(failure)
 
-        torch.futures.collect_all([previous, arrival]).add_done_callback(_run)
+        torch.futures.collect_all([previous, arrival]).add_done_callback(
+            lambda ready: self._compute.submit(_run, ready)
+        )
         return finished
 
     def fetch(self, action: Action) -> torch.futures.Future:
@@ -126,14 +130,30 @@ class StageServer:
 
         return future.then(_release)
 
-    def step(self) -> Any:
-        """Step the optimizer, reset the per-step state, return the stage's report."""
-        report = self.stage.step()
-        with self._lock:
-            self._done.clear()
-            self._free_at.clear()
-            self._outbox.clear()
-        return report
+    def step(self) -> torch.futures.Future:
+        """Once the stage's last action of the step is done: step the optimizer, reset the action order.
+
+        The future carries the stage's report, or the :class:`StageError` of what failed.
+        """
+        last = len(self._positions) - 1
+        actions_done = self._done_future(last) if last >= 0 else completed(None)
+        reported: torch.futures.Future = torch.futures.Future()
+
+        def _step(_: torch.futures.Future) -> None:
+            try:
+                _result(actions_done)
+                report = self.stage.step()
+                # The outbox empties itself as consumers fetch: a consumer may still be on its way to
+                # the last outputs, since this stage steps before the others finish.
+                with self._lock:
+                    self._done.clear()
+                    self._free_at.clear()
+                reported.set_result(report)
+            except Exception as error:
+                reported.set_result(StageError.wrap(error, self.stage.stage_idx, "optimizer step"))
+
+        actions_done.add_done_callback(lambda done: self._compute.submit(_step, done))
+        return reported
 
     def _input_future(self, input_ref: Any) -> torch.futures.Future:
         """Future of ``(tensor, produced_at, arrived_at)`` for an action's input."""
@@ -215,12 +235,9 @@ def _fetch(action_text: str) -> torch.futures.Future:
     return _server().fetch(Action.parse(action_text))
 
 
-def _step() -> Any:
-    server = _server()
-    try:
-        return server.step()
-    except Exception as error:
-        return StageError.wrap(error, server.stage.stage_idx, "optimizer step")
+@rpc.functions.async_execution
+def _step() -> torch.futures.Future:
+    return _server().step()
 
 
 class RpcStageHandle:
@@ -244,7 +261,7 @@ class RpcStageHandle:
         return IssuedAction(output=RemoteTensor(self.worker, str(action)), done=done)
 
     def step(self) -> torch.futures.Future:
-        """Step the worker's optimizer; the future carries its report."""
+        """Step the worker's optimizer once its actions are done; the future carries its report."""
         return rpc.rpc_async(self.worker, _step, timeout=_NO_DEADLINE)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
