@@ -163,3 +163,37 @@ def test_world_size_mismatch_is_a_clear_error_on_every_rank(tmp_path):
             in result.output
         )
     assert "torchrun --nproc-per-node=3" in result.output
+
+
+def test_a_stage_steps_its_optimizer_as_soon_as_its_own_actions_are_done(tmp_path):
+    """Under fill-drain the last stage finishes first: its optimizer step overlaps the first stage's drain.
+
+    The units sleep 50 ms in forward and backward (``tests/slow_parts.py``), so the order is deterministic.
+    """
+    tests_dir = Path(__file__).resolve().parent
+    env = {"PYTHONPATH": str(tests_dir)}
+    overrides = [
+        "model._target_=slow_parts.slow_mlp",
+        "+model.delay_s=0.05",
+        "optim=sgd",
+        "pipeline.balance=[3,3]",
+        "pipeline.num_microbatches=4",
+        "schedule=gpipe",
+        "train.batch_size=16",
+        "train.steps=2",
+        "log.trace_every=1",
+    ]
+    tmp_path.mkdir(exist_ok=True)
+    args = [sys.executable, "-m", "pipetrain.train", f"hydra.run.dir={tmp_path}", *overrides]
+    result = run_command(args, 180, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.output[-4000:]
+    events = json.loads((tmp_path / "traces" / "step000002.json").read_text())["traceEvents"]
+    spans = [event for event in events if event["ph"] == "X"]
+    last_stage_step = next(s for s in spans if s["pid"] == 1 and s["cat"] == "optimizer")
+    first_stage_compute_end = max(
+        s["ts"] + s["dur"] for s in spans if s["pid"] == 0 and s["cat"] == "compute"
+    )
+    assert last_stage_step["ts"] < first_stage_compute_end - 50_000, (
+        last_stage_step,
+        first_stage_compute_end,
+    )

@@ -7,6 +7,7 @@ import torch
 from conftest import make_config, train_unsplit
 
 from pipetrain.build import build_dataset, build_stages
+from pipetrain.compose import compose_config
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
 from pipetrain.transport import LocalStageHandle
@@ -37,6 +38,19 @@ def test_pipelined_training_equals_unsplit(model, schedule, num_stages):
             weights[name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
         )
     assert losses[-1] < losses[0], "training should make progress on the synthetic task"
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pipelined_training_with_the_default_optimizer_equals_unsplit(schedule):
+    """The shipped ``optim=adamw`` (fused AdamW) keeps the equivalence."""
+    cfg = make_config("mlp", 2, schedule, num_microbatches=4, steps=10)
+    cfg.optim = dict(compose_config(["optim=adamw"]).optim)
+    assert cfg.optim["fused"] is True
+    reference_losses, reference_weights = train_unsplit(cfg)
+    losses, weights = train_pipelined(cfg)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
+    for name, value in reference_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5)
 
 
 def test_logged_run_writes_scalars(tmp_path):
