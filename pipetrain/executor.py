@@ -127,7 +127,11 @@ def wait_all(
             ok[index] = error is None
             if error is not None and state["first_error"] is None:
                 state["first_error"] = (index, error)
-        changed.set()
+            # Wake the waiter only when it has something to do: the watchdog reads progress_at when its
+            # wait times out, so every other completion costs no thread switch.
+            wake = state["left"] == 0 or error is not None
+        if wake:
+            changed.set()
 
     for index, (_, _, future) in enumerate(pending):
         future.add_done_callback(lambda fut, index=index: _on_done(index, fut))

@@ -58,8 +58,11 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ValueError(f"model.init: {init_path!r} is not a file; give the path of a full-model state dict")
 
 
-def preflight(cfg: TrainConfig) -> StagePlan:
-    """Every check of :func:`check_settings`, plus the stage split, schedule and data; return the plan."""
+def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
+    """Every check of :func:`check_settings`, plus the stage split, schedule and data; return the plan.
+
+    ``check_data=False`` skips building the dataset (stage workers never read it).
+    """
     check_settings(cfg)
     with torch.device("meta"):
         torch.manual_seed(cfg.seed)
@@ -71,13 +74,14 @@ def preflight(cfg: TrainConfig) -> StagePlan:
     plan = build_plan(cfg, model)
     partition(model, plan)
     build_schedule_for(cfg, plan.num_stages)
-    dataset = build_dataset(cfg)
-    if len(dataset) < cfg.train.batch_size:
-        raise ValueError(
-            f"train.batch_size: {cfg.train.batch_size} is larger than the dataset ({len(dataset)} samples); "
-            "lower train.batch_size or use more data"
-        )
-    _check_shapes(cfg, model, dataset)
+    if check_data:
+        dataset = build_dataset(cfg)
+        if len(dataset) < cfg.train.batch_size:
+            raise ValueError(
+                f"train.batch_size: {cfg.train.batch_size} is larger than the dataset ({len(dataset)} "
+                "samples); lower train.batch_size or use more data"
+            )
+        _check_shapes(cfg, model, dataset)
     if cfg.checkpoint.resume:
         _check_resume(cfg, plan)
     return plan

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         composed = compose_config(overrides)
         cfg = to_train_config(composed)
-        plan = preflight(cfg)
+        plan = preflight(cfg, check_data=rank == 0)  # only the driver reads data
         check_world_size(plan, world_size)
     except Exception as error:  # configuration errors: one line, on every rank, then a clean exit
         print(f"pipetrain [rank {rank}]: configuration error: {error}", file=sys.stderr, flush=True)

@@ -54,6 +54,24 @@ BALANCES = {
 }
 
 
+# The TensorBoard / metrics.jsonl tags the README documents (a contract: written out here on purpose, not
+# taken from pipetrain, so a renamed or dropped tag fails the tests).
+STEP_TAGS = [
+    "train/loss",
+    "perf/samples_per_sec",
+    "perf/step_time_s",
+    "pipeline/bubble_fraction",
+    "pipeline/bubble_fraction_predicted",
+    "pipeline/bubble_fraction_predicted_measured_costs",
+]
+STAGE_TAG_NAMES = ("busy_s", "idle_s", "transfer_s", "peak_activation_mib")
+
+
+def stage_tags(num_stages: int) -> list[str]:
+    """The per-stage tags of a run with ``num_stages`` stages."""
+    return [f"stage{k}/{name}" for k in range(num_stages) for name in STAGE_TAG_NAMES]
+
+
 def make_config(
     model: str = "mlp",
     num_stages: int = 2,

@@ -194,6 +194,14 @@ def test_preflight_refuses_bad_settings(changes, message):
         preflight(cfg)
 
 
+def test_stage_workers_preflight_without_reading_the_data():
+    cfg = _with()
+    cfg.data = {"_target_": "pipetrain.data.cifar10", "root": "/nonexistent"}
+    assert preflight(cfg, check_data=False).num_stages == 2
+    with pytest.raises(ValueError, match="data.root"):
+        preflight(cfg)
+
+
 def test_missing_mandatory_value_names_the_key():
     with pytest.raises(ValueError, match=r"data.root: required but not set"):
         to_train_config(compose_config(["data=cifar10"]))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_command, train_unsplit
+from conftest import STEP_TAGS, run_command, stage_tags, train_unsplit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipetrain.checkpoint import merged_model_state
@@ -25,14 +25,6 @@ SMALL = [
     "optim.lr=0.1",
     "optim.momentum=0.9",
     "pipeline.num_microbatches=4",
-]
-STEP_TAGS = [
-    "train/loss",
-    "perf/samples_per_sec",
-    "perf/step_time_s",
-    "pipeline/bubble_fraction",
-    "pipeline/bubble_fraction_predicted",
-    "pipeline/bubble_fraction_predicted_measured_costs",
 ]
 
 
@@ -59,9 +51,7 @@ def test_default_example_trains_through_torchrun(tmp_path):
     assert "step  100/100" in result.output
     events = scalars(tmp_path)
     tags = events.Tags()["scalars"]
-    for tag in STEP_TAGS + [
-        f"stage{k}/{f}" for k in (0, 1) for f in ("busy_s", "idle_s", "transfer_s", "peak_activation_mib")
-    ]:
+    for tag in STEP_TAGS + stage_tags(2):
         assert tag in tags, tag
     losses = [event.value for event in events.Scalars("train/loss")]
     assert len(losses) == 10

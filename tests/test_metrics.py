@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import STEP_TAGS, stage_tags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipetrain.metrics import (
@@ -183,19 +184,7 @@ def test_step_metrics_uses_measured_costs() -> None:
 
 def test_scalars_tags() -> None:
     scalars = _metrics(num_stages=3).scalars()
-    assert set(scalars) == {
-        "train/loss",
-        "perf/samples_per_sec",
-        "perf/step_time_s",
-        "pipeline/bubble_fraction",
-        "pipeline/bubble_fraction_predicted",
-        "pipeline/bubble_fraction_predicted_measured_costs",
-        *(
-            f"stage{k}/{name}"
-            for k in range(3)
-            for name in ("busy_s", "idle_s", "transfer_s", "peak_activation_mib")
-        ),
-    }
+    assert set(scalars) == {*STEP_TAGS, *stage_tags(3)}
     assert scalars["train/loss"] == pytest.approx(1.2345678)
     assert scalars["pipeline/bubble_fraction_predicted_measured_costs"] == 0.25
     assert scalars["stage2/busy_s"] == 3.0
