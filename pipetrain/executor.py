@@ -82,7 +82,7 @@ def execute(
             stage_idx = entry_stages[failed_index]
             return next(i for i, stage in enumerate(entry_stages) if stage == stage_idx and not ok[i])
         # Stuck: a stage's first unfinished action whose input is there (the earliest such), else a step.
-        finished = {action for (action, _), is_ok in zip(issued, ok, strict=False) if is_ok}
+        finished = {action for (action, _), is_ok in zip(issued, ok[: len(issued)], strict=True) if is_ok}
         seen_stages: set[int] = set()
         for index, (action, _) in enumerate(issued):
             if ok[index] or action.stage_idx in seen_stages:
