@@ -118,4 +118,7 @@ class BatchOrder:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The collated ``(inputs, targets)`` of ``step``."""
-        return default_collate([self.dataset[int(i)] for i in self.indices(step)])
+        indices = self.indices(step)
+        if isinstance(self.dataset, TensorDataset):  # one gather per tensor instead of a sample at a time
+            return tuple(tensor[indices] for tensor in self.dataset.tensors)
+        return default_collate([self.dataset[int(i)] for i in indices])
