@@ -91,4 +91,6 @@ def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, w
 
 
 def _raise_run_stopped(signum: int, frame: object) -> None:
+    # Once is enough: a repeated SIGTERM must not cut short the moment spent learning which stage failed.
+    signal.signal(signum, signal.SIG_IGN)
     raise RunStopped(f"signal {signum}")
