@@ -20,6 +20,7 @@ from pipetrain.checkpoint import commit_checkpoint, partial_dir, save_stage
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.executor import execute, wait_all
+from pipetrain.failures import RunStopped, stop_requested
 from pipetrain.metrics import MetricsLogger, StepMetrics, format_progress, step_metrics
 from pipetrain.partition import StagePlan
 from pipetrain.schedule import Schedule
@@ -99,6 +100,8 @@ class Driver:
         last_metrics: StepMetrics | None = None
         try:
             for step in range(start_step, cfg.train.steps):
+                if stop_requested():
+                    raise RunStopped("stop requested")
                 inputs, targets = self.batches.batch(step)
                 result = run_step(
                     self.handles,

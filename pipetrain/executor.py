@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pipetrain.failures import RunStopped, StageError, StageFailure
+from pipetrain.failures import RunStopped, StageError, StageFailure, stop_requested
 from pipetrain.schedule import Action, ActionKind, Schedule, execution_order, input_dependency
 from pipetrain.timings import StageReport
 from pipetrain.transport.handle import StageHandle
@@ -26,6 +26,7 @@ from pipetrain.transport.handle import StageHandle
 __all__ = ["ExecutedStep", "StageFailure", "execute", "wait_all"]  # StageFailure re-exported
 
 _NAME_THE_CAUSE_S = 3.0
+_POLL_STOP_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,16 @@ def wait_all(
                 if state["first_error"] is not None or state["left"] == 0:
                     break
                 idle_for = time.monotonic() - state["progress_at"]
+            if stop_requested():
+                raise RunStopped("stop requested")
             if timeout_s is not None and idle_for >= timeout_s:
                 with lock:
                     index = blame(list(ok), None) if blame is not None else ok.index(False)
                 label, what, _ = pending[index]
                 reason = f"no progress for {timeout_s:g} s (rpc.timeout_s): the stage is stuck"
                 raise StageFailure(label, what, reason)
-            changed.wait(None if timeout_s is None else max(timeout_s - idle_for, 0.01))
+            wait_s = _POLL_STOP_S if timeout_s is None else min(_POLL_STOP_S, max(timeout_s - idle_for, 0.01))
+            changed.wait(wait_s)
             changed.clear()
     except RunStopped:
         # torchrun stops the run as soon as a process dies; the error naming it is usually a moment away.

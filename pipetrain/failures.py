@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import traceback
 
-__all__ = ["StageError", "StageFailure", "RunStopped"]
+__all__ = ["StageError", "StageFailure", "RunStopped", "request_stop", "stop_requested"]
 
 _CONNECTION_LOST = ("eof", "pipe closed", "connection reset", "connection refused", "broken pipe")
 
@@ -52,3 +52,22 @@ class StageFailure(RuntimeError):
 
 class RunStopped(BaseException):
     """This process was asked to stop (SIGTERM from torchrun, which stops a run when a process dies)."""
+
+
+_stop_requested = False
+
+
+def request_stop() -> None:
+    """Ask this process to stop (from a SIGTERM handler).
+
+    Only a flag: raising from a signal handler can land between a lock's acquire and the ``with`` block
+    that releases it, leaving the lock held. The driver's waits poll the flag and raise
+    :class:`RunStopped` themselves.
+    """
+    global _stop_requested
+    _stop_requested = True
+
+
+def stop_requested() -> bool:
+    """Whether :func:`request_stop` was called."""
+    return _stop_requested

@@ -19,7 +19,7 @@ from pipetrain.checkpoint import find_checkpoint, load_checkpoint, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
-from pipetrain.failures import RunStopped, StageFailure
+from pipetrain.failures import RunStopped, StageFailure, request_stop
 from pipetrain.partition import StagePlan, partition
 from pipetrain.transport.rpc import (
     DRIVER_NAME,
@@ -50,7 +50,7 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     handles = [RpcStageHandle(idx, idx + 1) for idx in range(plan.num_stages)]
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     driver = Driver(cfg, handles, plan, batches, run_dir)
-    previous_handler = signal.signal(signal.SIGTERM, _raise_run_stopped)
+    previous_handler = signal.signal(signal.SIGTERM, _request_stop)
     try:
         wall, cpu = time.monotonic(), time.process_time()
         driver.train(start_step=resume_step(cfg))
@@ -90,7 +90,5 @@ def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, w
     return 0
 
 
-def _raise_run_stopped(signum: int, frame: object) -> None:
-    # Once is enough: a repeated SIGTERM must not cut short the moment spent learning which stage failed.
-    signal.signal(signum, signal.SIG_IGN)
-    raise RunStopped(f"signal {signum}")
+def _request_stop(signum: int, frame: object) -> None:
+    request_stop()
