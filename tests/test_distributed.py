@@ -28,11 +28,11 @@ SMALL = [
 ]
 
 
-def train(run_dir: Path, *overrides: str, timeout: float = 180):
+def train(run_dir: Path, *overrides: str, timeout: float = 180, env: dict[str, str] | None = None):
     """``python -m pipetrain.train`` into ``run_dir``, from a scratch working directory."""
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, "-m", "pipetrain.train", f"hydra.run.dir={run_dir}", *overrides]
-    return run_command(args, timeout, cwd=run_dir)
+    return run_command(args, timeout, cwd=run_dir, env=env)
 
 
 def logged_steps(run_dir: Path) -> list[dict]:
@@ -160,8 +160,6 @@ def test_a_stage_steps_its_optimizer_as_soon_as_its_own_actions_are_done(tmp_pat
 
     The units sleep 50 ms in forward and backward (``tests/slow_parts.py``), so the order is deterministic.
     """
-    tests_dir = Path(__file__).resolve().parent
-    env = {"PYTHONPATH": str(tests_dir)}
     overrides = [
         "model._target_=slow_parts.slow_mlp",
         "+model.delay_s=0.05",
@@ -173,9 +171,7 @@ def test_a_stage_steps_its_optimizer_as_soon_as_its_own_actions_are_done(tmp_pat
         "train.steps=2",
         "log.trace_every=1",
     ]
-    tmp_path.mkdir(exist_ok=True)
-    args = [sys.executable, "-m", "pipetrain.train", f"hydra.run.dir={tmp_path}", *overrides]
-    result = run_command(args, 180, cwd=tmp_path, env=env)
+    result = train(tmp_path, *overrides, env={"PYTHONPATH": str(Path(__file__).resolve().parent)})
     assert result.returncode == 0, result.output[-4000:]
     events = json.loads((tmp_path / "traces" / "step000002.json").read_text())["traceEvents"]
     spans = [event for event in events if event["ph"] == "X"]
