@@ -40,6 +40,8 @@ class StageHandle(Protocol):
     def issue(self, action: Action, input_ref: Any, target: Any | None) -> IssuedAction:
         """Hand ``action`` to the stage; it runs after the stage's previous action, once its input exists.
 
+        A transport may hold the step's actions until :meth:`step` and send them together.
+
         ``input_ref`` is the micro-batch input (stage 0 forward), the output reference of the action this
         one depends on, or ``None`` (last stage backward). ``target`` is given to the last stage's forward.
         """
@@ -48,7 +50,8 @@ class StageHandle(Protocol):
     def step(self) -> torch.futures.Future:
         """Step the stage's optimizer once the actions issued to it for this step are done.
 
-        May be called right after issuing them. The future carries the stage's :class:`StageReport`.
+        Called once per step, right after the step's actions are issued (it sends any the transport held
+        back). The future carries the stage's :class:`StageReport`.
         """
         ...
 

@@ -2,18 +2,22 @@
 
 Names: the driver is RPC worker ``driver`` (rank 0), stage ``k`` is worker ``stage<k>`` (rank ``k+1``).
 
-The driver issues every action of a step at once (:class:`RpcStageHandle`); each carries a
-:class:`RemoteTensor` naming the action whose output it consumes. On the stage, :class:`StageServer`
-runs the actions one at a time in schedule order: an action starts once the stage's previous action is
-done and its input has arrived. Inputs are *pulled* worker to worker: the consumer asks the producer for
-the tensor as soon as the action is issued, and the producer answers when it has computed it, so
-activations and gradients never pass through the driver.
+The driver sends each stage its whole step in one request (:class:`RpcStageHandle`): the stage's
+actions in schedule order, each with its input reference (a :class:`RemoteTensor` naming the action whose
+output it consumes, or stage 0's micro-batch) and target. On the stage, :class:`StageServer` requests
+every input from its producer at once, then runs the actions one at a time on a compute thread of its
+own, each as soon as its input has arrived, and then steps the optimizer; the reply is the stage's
+report. Inputs are *pulled* worker to worker (the producer answers a fetch when it has computed the
+tensor), so activations and gradients never pass through the driver. The stage tells the driver how many
+actions are done as it goes (:class:`_ProgressSender`), so that the driver can name the action a stage
+was running when its process dies, and its watchdog sees progress.
 
 No RPC handler blocks a thread: every handler is ``@rpc.functions.async_execution`` and returns a future
-that is chained on the futures it needs, so any number of micro-batches runs on the default thread pool.
-The compute runs on one thread of the stage's own (forward, backward, optimizer step), not on whichever
+chained on what it needs, so any number of micro-batches runs on the default thread pool. Only the stage's
+compute thread waits for inputs. It runs the forward, backward and optimizer step, rather than whichever
 pool thread completed the last input: allocations then stay on one malloc arena and in one core's caches
-(per-micro-batch compute of the benchmark MLP went from 43 to 34 ms on a 2-core machine).
+(per-micro-batch compute of the benchmark MLP went from 43 to 34 ms on a 2-core machine). One request per
+step rather than one per action also spares each action a round of RPC handling and thread hand-offs.
 (RRefs are not used for the boundary tensors: an owner cannot await an RRef's value without blocking a
 thread, and RRefs do not support CUDA tensors.)
 
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -74,32 +78,52 @@ class RemoteTensor:
 
 
 class StageServer:
-    """Runs one stage's actions, in schedule order, as the driver issues them over RPC."""
+    """Runs one stage's actions, a step's worth at a time, as the driver sends them over RPC."""
 
     def __init__(self, stage: Stage, schedule: Schedule) -> None:
         self.stage = stage
-        self._positions = {action: pos for pos, action in enumerate(schedule[stage.stage_idx])}
+        self._order = list(schedule[stage.stage_idx])
         self._lock = threading.Lock()
-        self._done: dict[int, torch.futures.Future] = {}
-        self._free_at: dict[int, float] = {}
         self._outbox: dict[Action, torch.futures.Future] = {}
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage.stage_idx}")
 
-    def run_action(self, action: Action, input_ref: Any, target: torch.Tensor | None) -> torch.futures.Future:
-        """Queue ``action``; the future completes when it has run on this stage."""
-        position = self._positions.get(action)
-        if position is None:
-            raise RuntimeError(f"stage {self.stage.stage_idx}: action {action} is not in its schedule")
-        received = time.time()
-        previous = self._done_future(position - 1) if position > 0 else completed(None)
-        arrival = self._input_future(input_ref)
-        finished: torch.futures.Future = torch.futures.Future()
+    def run_step(self, step_id: int, work: Sequence[tuple[Action, Any, Any]]) -> torch.futures.Future:
+        """Run ``work`` (each action with its input reference and target), then step the optimizer.
 
-        def _run(_: torch.futures.Future) -> None:
-            try:
-                _result(previous)
+        The actions must be the stage's schedule, in order. Every input is requested from its producer at
+        once; the compute thread then runs the actions one by one, each as soon as its input is there,
+        reporting progress to the driver as it goes. The future carries the stage's report, or the
+        :class:`StageError` of what failed.
+        """
+        actions = [action for action, _, _ in work]
+        if actions != self._order:
+            raise RuntimeError(
+                f"stage {self.stage.stage_idx}: received actions {list(map(str, actions))}, but its "
+                f"schedule is {list(map(str, self._order))}"
+            )
+        received = time.time()
+        arrivals = [self._input_future(input_ref) for _, input_ref, _ in work]
+        progress = _ProgressSender(self.stage.stage_idx, step_id)
+        reported: torch.futures.Future = torch.futures.Future()
+        self._compute.submit(self._run, work, arrivals, received, progress, reported)
+        return reported
+
+    def _run(
+        self,
+        work: Sequence[tuple[Action, Any, Any]],
+        arrivals: Sequence[torch.futures.Future],
+        received: float,
+        progress: _ProgressSender,
+        reported: torch.futures.Future,
+    ) -> None:
+        """The step on the compute thread (waiting here for an input blocks no RPC thread)."""
+        free_at = received
+        position = 0
+        running = "optimizer step"
+        try:
+            for position, ((action, _, target), arrival) in enumerate(zip(work, arrivals, strict=True)):
+                running = f"action {action}"
                 tensor, produced_at, arrived_at = _result(arrival)
-                free_at = self._free_at.pop(position - 1, received) if position > 0 else received
                 self._record_idle(action, free_at, produced_at, arrived_at)
                 if action.kind == ActionKind.FORWARD:
                     output = self.stage.forward(action.mb_idx, tensor, target)
@@ -107,20 +131,20 @@ class StageServer:
                     output = self.stage.backward(action.mb_idx, tensor)
                 if output_consumer(action, self.stage.num_stages) is not None:
                     self._outbox_future(action).set_result((output.detach().cpu(), time.time()))
-                self._free_at[position] = time.time()
-                finished.set_result(None)
-                # Last: completing this queues the stage's next action (if its input is there).
-                self._done_future(position).set_result(None)
-            except Exception as error:  # every waiter learns of the failure, nothing waits forever
-                failure = StageError.wrap(error, self.stage.stage_idx, f"action {action}")
-                for future in (self._outbox_future(action), self._done_future(position), finished):
-                    if not future.done():
-                        future.set_exception(failure)
-
-        torch.futures.collect_all([previous, arrival]).add_done_callback(
-            lambda ready: self._compute.submit(_run, ready)
-        )
-        return finished
+                free_at = time.time()
+                progress.advance(position + 1)
+            position, running = len(work), "optimizer step"
+            report = self.stage.step()
+        except Exception as error:  # every waiter learns of the failure, nothing waits forever
+            failure = StageError.wrap(error, self.stage.stage_idx, running)
+            for action, _, _ in work[position:]:
+                if output_consumer(action, self.stage.num_stages) is not None:
+                    outbox = self._outbox_future(action)
+                    if not outbox.done():
+                        outbox.set_exception(failure)
+            reported.set_result(failure)
+            return
+        reported.set_result(report)
 
     def fetch(self, action: Action) -> torch.futures.Future:
         """The future of ``(tensor, produced_at)`` for the output of ``action`` (once, for its consumer)."""
@@ -132,31 +156,6 @@ class StageServer:
             return _result_or_error(done)
 
         return future.then(_release)
-
-    def step(self) -> torch.futures.Future:
-        """Once the stage's last action of the step is done: step the optimizer, reset the action order.
-
-        The future carries the stage's report, or the :class:`StageError` of what failed.
-        """
-        last = len(self._positions) - 1
-        actions_done = self._done_future(last) if last >= 0 else completed(None)
-        reported: torch.futures.Future = torch.futures.Future()
-
-        def _step(_: torch.futures.Future) -> None:
-            try:
-                _result(actions_done)
-                report = self.stage.step()
-                # The outbox empties itself as consumers fetch: a consumer may still be on its way to
-                # the last outputs, since this stage steps before the others finish.
-                with self._lock:
-                    self._done.clear()
-                    self._free_at.clear()
-                reported.set_result(report)
-            except Exception as error:
-                reported.set_result(StageError.wrap(error, self.stage.stage_idx, "optimizer step"))
-
-        actions_done.add_done_callback(lambda done: self._compute.submit(_step, done))
-        return reported
 
     def _input_future(self, input_ref: Any) -> torch.futures.Future:
         """Future of ``(tensor, produced_at, arrived_at)`` for an action's input."""
@@ -183,10 +182,6 @@ class StageServer:
         if transfer_from > free_at:
             self.stage.record_span(SpanCategory.WAIT, str(action), free_at, transfer_from)
         self.stage.record_span(SpanCategory.TRANSFER, str(action), transfer_from, arrived_at)
-
-    def _done_future(self, position: int) -> torch.futures.Future:
-        with self._lock:
-            return self._done.setdefault(position, torch.futures.Future())
 
     def _outbox_future(self, action: Action) -> torch.futures.Future:
         with self._lock:
@@ -225,12 +220,12 @@ def _server() -> StageServer:
 
 
 @rpc.functions.async_execution
-def _run_action(action_text: str, input_ref: Any, target: torch.Tensor | None) -> torch.futures.Future:
+def _run_step(step_id: int, work: list[tuple[str, Any, Any]]) -> torch.futures.Future:
     server = _server()
     try:
-        return server.run_action(Action.parse(action_text), input_ref, target)
+        return server.run_step(step_id, [(Action.parse(text), ref, target) for text, ref, target in work])
     except Exception as error:
-        return completed(StageError.wrap(error, server.stage.stage_idx, f"action {action_text}"))
+        return completed(StageError.wrap(error, server.stage.stage_idx, "step request"))
 
 
 @rpc.functions.async_execution
@@ -238,18 +233,101 @@ def _fetch(action_text: str) -> torch.futures.Future:
     return _server().fetch(Action.parse(action_text))
 
 
-@rpc.functions.async_execution
-def _step() -> torch.futures.Future:
-    return _server().step()
+class _ProgressSender:
+    """A stage's reports to the driver of how many of the step's actions are done.
+
+    At most one report is in flight: one that would queue behind it is merged into the next, so a stage
+    of short actions sends fewer reports than it runs actions, while the driver lags by at most a round
+    trip (it names the first action it has not heard finish when a stage's process dies).
+    """
+
+    def __init__(self, stage_idx: int, step_id: int) -> None:
+        self._stage_idx = stage_idx
+        self._step_id = step_id
+        self._lock = threading.Lock()
+        self._done = 0
+        self._sent = 0
+        self._in_flight = False
+
+    def advance(self, done: int) -> None:
+        """``done`` actions of the step are done."""
+        with self._lock:
+            self._done = done
+            if self._in_flight:
+                return
+            self._in_flight = True
+            self._sent = done
+        self._send(done)
+
+    def _send(self, done: int) -> None:
+        reply = rpc.rpc_async(
+            DRIVER_NAME, _progress, args=(self._stage_idx, self._step_id, done), timeout=_NO_DEADLINE
+        )
+        reply.add_done_callback(self._acknowledged)
+
+    def _acknowledged(self, _: torch.futures.Future) -> None:
+        with self._lock:
+            if self._done == self._sent:
+                self._in_flight = False
+                return
+            done = self._sent = self._done
+        self._send(done)
+
+
+class _ProgressTracker:
+    """The driver's side of one stage's step: completes the ``done`` futures of its actions."""
+
+    def __init__(self, step_id: int, done: Sequence[torch.futures.Future]) -> None:
+        self.step_id = step_id
+        self._done = list(done)
+        self._completed = 0
+        self._lock = threading.Lock()
+
+    def advance(self, count: int, error: BaseException | None = None) -> None:
+        """The first ``count`` actions are done; with ``error``, the rest failed with it."""
+        with self._lock:
+            newly_done = self._done[self._completed : count]
+            self._completed = max(self._completed, count)
+            failed_now = self._done[self._completed :] if error is not None else []
+            if error is not None:
+                self._completed = len(self._done)
+        for future in newly_done:
+            future.set_result(None)
+        for future in failed_now:
+            future.set_exception(error)
+
+    def finish(self, reply: torch.futures.Future) -> None:
+        """The stage answered the step: every action is done, or whatever is not failed."""
+        error = _result_or_error(reply)
+        if isinstance(error, BaseException):
+            self.advance(0, error)
+        else:
+            self.advance(len(self._done))
+
+
+_TRACKERS: dict[int, _ProgressTracker] = {}
+
+
+def _progress(stage_idx: int, step_id: int, done: int) -> None:
+    tracker = _TRACKERS.get(stage_idx)
+    if tracker is not None and tracker.step_id == step_id:  # a late report of an earlier step is moot
+        tracker.advance(done)
 
 
 class RpcStageHandle:
-    """The driver's handle on stage ``stage_idx``, served by RPC worker ``stage<k>`` at ``rank``."""
+    """The driver's handle on stage ``stage_idx``, served by RPC worker ``stage<k>`` at ``rank``.
+
+    It sends a step's actions in one request, when :meth:`step` is called; the stage reports progress,
+    which completes each issued action's ``done`` future.
+    """
 
     def __init__(self, stage_idx: int, rank: int) -> None:
         self.stage_idx = stage_idx
         self.rank = rank
         self.worker = stage_worker_name(stage_idx)
+        self._work: list[tuple[str, Any, Any]] = []
+        self._done: list[torch.futures.Future] = []
+        self._steps_sent = 0
 
     @property
     def label(self) -> str:
@@ -257,15 +335,21 @@ class RpcStageHandle:
         return f"stage {self.stage_idx} (rank {self.rank})"
 
     def issue(self, action: Action, input_ref: Any, target: Any | None) -> IssuedAction:
-        """Send ``action`` to the worker; its output stays there, referenced by a :class:`RemoteTensor`."""
-        done = rpc.rpc_async(
-            self.worker, _run_action, args=(str(action), input_ref, target), timeout=_NO_DEADLINE
-        )
+        """Add ``action`` to the step's request; its output stays on the worker (a :class:`RemoteTensor`)."""
+        done: torch.futures.Future = torch.futures.Future()
+        self._work.append((str(action), input_ref, target))
+        self._done.append(done)
         return IssuedAction(output=RemoteTensor(self.worker, str(action)), done=done)
 
     def step(self) -> torch.futures.Future:
-        """Step the worker's optimizer once its actions are done; the future carries its report."""
-        return rpc.rpc_async(self.worker, _step, timeout=_NO_DEADLINE)
+        """Send the issued actions; the worker runs them, then steps its optimizer and sends its report."""
+        self._steps_sent += 1
+        tracker = _ProgressTracker(self._steps_sent, self._done)
+        _TRACKERS[self.stage_idx] = tracker
+        work, self._work, self._done = self._work, [], []
+        reply = rpc.rpc_async(self.worker, _run_step, args=(self._steps_sent, work), timeout=_NO_DEADLINE)
+        reply.add_done_callback(tracker.finish)
+        return reply
 
     def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
         """Run ``fn(stage, *args)`` on the worker (checkpoints and other whole-stage requests)."""

@@ -1,0 +1,46 @@
+"""The driver's bookkeeping of a stage's progress reports (``pipetrain.transport.rpc``), without processes.
+
+The reports themselves travel over RPC in ``tests/test_distributed.py`` and ``tests/test_failures.py``;
+here: which ``done`` futures a report, a late report, and the stage's reply complete or fail.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipetrain.failures import StageError
+from pipetrain.transport.handle import completed
+from pipetrain.transport.rpc import _ProgressTracker
+
+
+def _futures(count: int) -> list[torch.futures.Future]:
+    return [torch.futures.Future() for _ in range(count)]
+
+
+def test_a_report_completes_the_actions_it_counts_and_a_stale_one_changes_nothing():
+    done = _futures(4)
+    tracker = _ProgressTracker(step_id=1, done=done)
+    tracker.advance(2)
+    assert [future.done() for future in done] == [True, True, False, False]
+    tracker.advance(1)  # reports can arrive out of order
+    assert [future.done() for future in done] == [True, True, False, False]
+    tracker.finish(completed("report"))
+    assert all(future.done() and future.value() is None for future in done)
+
+
+def test_a_failed_step_fails_the_actions_not_reported_done_with_its_error():
+    done = _futures(4)
+    tracker = _ProgressTracker(step_id=1, done=done)
+    tracker.advance(1)
+    error = StageError(0, "action 0F1", "RuntimeError: boom")
+    tracker.finish(completed(error))  # the stage answers with its error as a value
+    assert done[0].value() is None
+    for future in done[1:]:
+        try:
+            future.wait()
+        except StageError as raised:
+            assert raised.action == "action 0F1"
+        else:
+            raise AssertionError("an action after the failure was reported done")
+    tracker.advance(3)  # a report that was already on its way when the stage failed
+    assert all(future.done() for future in done)
