@@ -4,8 +4,9 @@ The dependency rules are :mod:`pipetrain.schedule.order`'s, shared with the simu
 The executor issues the actions in one of the schedule's feasible execution orders, so an action is
 issued after its stage's previous action and after the action it consumes (its output *reference*
 exists); the stage itself waits for the value. In-process handles run each action on issue, which this
-order makes correct. Each stage's optimizer step is requested with the actions and runs as soon as that
-stage's own actions are done, so a stage that finishes early steps while the others drain.
+order makes correct; RPC handles collect a stage's actions and send them with its step request. Each
+stage's optimizer step is requested right after the actions and runs as soon as that stage's own actions
+are done, so a stage that finishes early steps while the others drain.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 
+def slow_model_overrides(delay_s: float) -> list[str]:
+    """The Hydra overrides that train :func:`slow_mlp` with units that sleep ``delay_s`` per pass."""
+    return ["model._target_=slow_parts.slow_mlp", f"+model.delay_s={delay_s}"]
+
+
 def _mark(phase: str) -> None:
     directory = os.environ.get("PIPETRAIN_TEST_MARKERS")
     if not directory:

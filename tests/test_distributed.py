@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import STEP_TAGS, run_command, stage_tags, train_unsplit
+from slow_parts import slow_model_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipetrain.checkpoint import merged_model_state
@@ -161,8 +162,7 @@ def test_a_stage_steps_its_optimizer_as_soon_as_its_own_actions_are_done(tmp_pat
     The units sleep 50 ms in forward and backward (``tests/slow_parts.py``), so the order is deterministic.
     """
     overrides = [
-        "model._target_=slow_parts.slow_mlp",
-        "+model.delay_s=0.05",
+        *slow_model_overrides(delay_s=0.05),
         "optim=sgd",
         "pipeline.balance=[3,3]",
         "pipeline.num_microbatches=4",

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from conftest import Launched
+from slow_parts import slow_model_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 TESTS_DIR = Path(__file__).resolve().parent
 SLOW_RUN = [
-    "model._target_=slow_parts.slow_mlp",
-    "+model.delay_s=0.05",
+    *slow_model_overrides(delay_s=0.05),
     "optim=sgd",
     "optim._target_=slow_parts.SlowSGD",
     "+optim.delay_s=1.0",
