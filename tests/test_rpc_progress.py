@@ -10,19 +10,21 @@ import torch
 
 from pipetrain.failures import StageError
 from pipetrain.transport.handle import completed
-from pipetrain.transport.rpc import _ProgressTracker
+from pipetrain.transport.rpc import _TRACKERS, _progress, _ProgressTracker
 
 
 def _futures(count: int) -> list[torch.futures.Future]:
     return [torch.futures.Future() for _ in range(count)]
 
 
-def test_a_report_completes_the_actions_it_counts_and_a_stale_one_changes_nothing():
+def test_a_report_completes_the_actions_it_counts_and_a_stale_one_changes_nothing(monkeypatch):
     done = _futures(4)
-    tracker = _ProgressTracker(step_id=1, done=done)
-    tracker.advance(2)
+    tracker = _ProgressTracker(step_id=2, done=done)
+    monkeypatch.setitem(_TRACKERS, 0, tracker)  # what RpcStageHandle.step registers for stage 0
+    _progress(0, 2, 2)
     assert [future.done() for future in done] == [True, True, False, False]
-    tracker.advance(1)  # reports can arrive out of order
+    _progress(0, 2, 1)  # reports can arrive out of order
+    _progress(0, 1, 4)  # a late report of the previous step
     assert [future.done() for future in done] == [True, True, False, False]
     tracker.finish(completed("report"))
     assert all(future.done() and future.value() is None for future in done)
