@@ -1,10 +1,12 @@
 """One stage of the pipeline on one device: forward and backward per micro-batch, its own optimizer.
 
 A :class:`Stage` keeps, for every micro-batch it has run forward and not yet backward, the input it
-received (as a leaf that requires grad) and the output it produced (the scaled loss on the last stage).
-``backward(mb, grad_output)`` runs autograd from that output and returns the gradient of the input, so
-gradients of all micro-batches accumulate in ``.grad`` and one ``step()`` equals one optimizer step on the
-whole batch. The stage knows nothing about transports or schedules: the caller orders the actions.
+received (its floating-point tensors as leaves that require grad) and the output it produced (the scaled
+loss on the last stage). ``backward(mb, grad_output)`` runs autograd from that output and returns the
+gradient of the input, so gradients of all micro-batches accumulate in ``.grad`` and one ``step()`` equals
+one optimizer step on the whole batch. Inputs, outputs and gradients may be tensors or any nesting of
+tuples, lists and dicts of tensors and constants (:mod:`pipetrain.boundary`). A stage without parameters
+has no optimizer. The stage knows nothing about transports or schedules: the caller orders the actions.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from pipetrain import boundary
 from pipetrain.losses import LossFn
 from pipetrain.schedule import Action, ActionKind
 from pipetrain.timings import Span, SpanCategory, StageReport
@@ -30,7 +34,8 @@ class Stage:
 
     Args:
         module: the stage's units (moved to ``device``).
-        optimizer_factory: called with the stage's parameters, e.g. ``partial(torch.optim.SGD, lr=0.1)``.
+        optimizer_factory: called with the stage's parameters, e.g. ``partial(torch.optim.SGD, lr=0.1)``;
+            not called for a stage without parameters (its ``optimizer`` is ``None``).
         loss_fn: the loss, used by the last stage only.
         loss_scale: factor on each micro-batch loss, ``1 / num_microbatches``, so the micro-batch losses
             sum to the batch's mean loss and accumulated gradients equal the whole batch's.
@@ -52,12 +57,13 @@ class Stage:
         self.num_stages = num_stages
         self.device = torch.device(device)
         self.module = module.to(self.device)
-        self.optimizer = optimizer_factory(self.module.parameters())
+        parameters = list(self.module.parameters())
+        self.optimizer = optimizer_factory(parameters) if parameters else None
         self._loss_fn = loss_fn
         self._loss_scale = loss_scale
         self._stop_on_nan = stop_on_nan
-        self._inputs: dict[int, torch.Tensor] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
+        self._inputs: dict[int, Any] = {}
+        self._outputs: dict[int, Any] = {}
         self._losses: dict[int, float] = {}
         self._spans: list[Span] = []
         self._saved_bytes: dict[int, int] = {}
@@ -70,7 +76,7 @@ class Stage:
         """Whether this stage computes the loss."""
         return self.stage_idx == self.num_stages - 1
 
-    def forward(self, mb_idx: int, inputs: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, mb_idx: int, inputs: Any, target: Any | None = None) -> Any:
         """Run micro-batch ``mb_idx`` forward; return the (detached) output, or the loss on the last stage."""
         if mb_idx in self._outputs:
             raise RuntimeError(f"stage {self.stage_idx}: micro-batch {mb_idx} was already run forward")
@@ -79,15 +85,16 @@ class Stage:
                 f"stage {self.stage_idx}: the last stage needs the target of micro-batch {mb_idx}"
             )
         start = time.time()
-        x = inputs.to(self.device, non_blocking=True)
-        if self.stage_idx > 0 and x.is_floating_point():
-            x = x.detach().requires_grad_(True)
+        x = boundary.to_device(inputs, self.device, non_blocking=True)
+        if self.stage_idx > 0:
+            x = boundary.detach_for_grad(x)
         saved = [0]
         pack = _counting_pack(saved, self._parameter_storages)
         with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
             output = self.module(x)
         if self.is_last:
-            loss = self._loss_fn(output, target.to(self.device, non_blocking=True)) * self._loss_scale
+            target = boundary.to_device(target, self.device, non_blocking=True)
+            loss = self._loss_fn(output, target) * self._loss_scale
             loss_value = loss.item()
             if self._stop_on_nan and not math.isfinite(loss_value):
                 raise FloatingPointError(
@@ -96,28 +103,39 @@ class Stage:
                 )
             self._losses[mb_idx] = loss_value
             output = loss
+        else:
+            self._check_output(mb_idx, output)
         self._inputs[mb_idx] = x
         self._outputs[mb_idx] = output
         self._saved_bytes[mb_idx] = saved[0]
         self._held_bytes += saved[0]
         self._peak_saved_bytes = max(self._peak_saved_bytes, self._held_bytes)
         self._record(Action(self.stage_idx, ActionKind.FORWARD, mb_idx), start)
-        return output.detach()
+        return boundary.detach(output)
 
-    def backward(self, mb_idx: int, grad_output: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run micro-batch ``mb_idx`` backward; return the gradient of its input (``None`` on stage 0)."""
+    def backward(self, mb_idx: int, grad_output: Any | None = None) -> Any | None:
+        """Run micro-batch ``mb_idx`` backward; return the gradient of its input (``None`` on stage 0).
+
+        ``grad_output`` mirrors the output (``None`` where an output leaf has no gradient); the returned
+        gradient mirrors the input, with ``None`` for leaves that do not require grad.
+        """
         if mb_idx not in self._outputs:
             raise RuntimeError(f"stage {self.stage_idx}: backward of micro-batch {mb_idx} before its forward")
-        if not self.is_last and grad_output is None:
+        output = self._outputs[mb_idx]
+        if not self.is_last and grad_output is None and boundary.requires_grad(output):
             raise RuntimeError(f"stage {self.stage_idx}: backward of micro-batch {mb_idx} needs a gradient")
         start = time.time()
-        output = self._outputs.pop(mb_idx)
+        del self._outputs[mb_idx]
         x = self._inputs.pop(mb_idx)
         self._held_bytes -= self._saved_bytes.pop(mb_idx)
-        grad = None if self.is_last else grad_output.to(self.device, non_blocking=True)
-        if output.requires_grad:
-            torch.autograd.backward(output, grad)
-        grad_input = x.grad if x.requires_grad else None
+        if self.is_last:
+            tensors, grads = ([output], [None]) if output.requires_grad else ([], [])
+        else:
+            grad = boundary.to_device(grad_output, self.device, non_blocking=True)
+            tensors, grads = boundary.backward_pairs(output, grad)
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        grad_input = boundary.input_grads(x) if self.stage_idx > 0 else None
         self._record(Action(self.stage_idx, ActionKind.BACKWARD, mb_idx), start)
         return grad_input
 
@@ -129,8 +147,9 @@ class Stage:
                 "still waiting for backward"
             )
         start = time.time()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self._spans.append(Span(self.stage_idx, SpanCategory.OPTIMIZER, "step", start, time.time()))
         peak_memory = None
         if self.device.type == "cuda":
@@ -156,6 +175,17 @@ class Stage:
     def microbatches_in_flight(self) -> int:
         """Micro-batches run forward whose backward has not run yet."""
         return len(self._outputs)
+
+    def _check_output(self, mb_idx: int, output: Any) -> None:
+        """Refuse an output whose tensors sit inside an object the boundary cannot see into."""
+        hidden = boundary.hidden_tensor_leaf(output)
+        if hidden is not None:
+            kind = type(hidden).__name__
+            raise ValueError(
+                f"stage {self.stage_idx}: the output of micro-batch {mb_idx} holds a {kind} with tensors "
+                f"inside, which would cross to the next stage without gradients; return the tensors in "
+                f"tuples, lists or dicts (or register {kind} with torch.utils._pytree.register_pytree_node)"
+            )
 
     def _record(self, action: Action, start: float) -> None:
         if self.device.type == "cuda":

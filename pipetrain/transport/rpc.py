@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed.rpc as rpc
 
+from pipetrain import boundary
 from pipetrain.config import RpcConfig
 from pipetrain.failures import StageError
 from pipetrain.schedule import Action, ActionKind, Schedule, output_consumer
@@ -130,7 +131,7 @@ class StageServer:
                 else:
                     output = self.stage.backward(action.mb_idx, tensor)
                 if output_consumer(action, self.stage.num_stages) is not None:
-                    self._outbox_future(action).set_result((output.detach().cpu(), time.time()))
+                    self._outbox_future(action).set_result((boundary.to_cpu(output), time.time()))
                 free_at = time.time()
                 progress.advance(position + 1)
             position, running = len(work), "optimizer step"
