@@ -1,7 +1,9 @@
 """Config -> objects: the model, the stage plan, the stages, the schedule and the dataset.
 
 Every process of a run builds the same full model from the same seed (and ``model.init``), then keeps
-only its own stage, so all stages start from exactly the weights the unsplit model would have.
+only its own stage, so all stages start from exactly the weights the unsplit model would have. With
+``pipeline.deferred_batchnorm`` the model's BatchNorm layers become
+:class:`~pipetrain.batchnorm.DeferredBatchNorm`, committed once per optimizer step of their stage.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from pipetrain.batchnorm import commit_deferred_batchnorm, convert_deferred_batchnorm, deferred_batchnorms
 from pipetrain.checkpoint import find_checkpoint, load_checkpoint, read_manifest, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.losses import get_loss
@@ -38,7 +41,11 @@ MODEL_SPEC_EXTRAS = ("init",)
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """The full model, initialised from ``cfg.seed`` and then from ``model.init`` when set."""
+    """The full model, initialised from ``cfg.seed``, then from ``model.init`` when set.
+
+    With ``pipeline.deferred_batchnorm`` its BatchNorm layers are then converted (keeping the loaded
+    values: the model loads ``model.init`` as the user built it, and names do not change).
+    """
     torch.manual_seed(cfg.seed)
     model = call_target(cfg.model, "model", skip=MODEL_SPEC_EXTRAS)
     if not isinstance(model, nn.Module):
@@ -49,6 +56,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     if init_path:
         state = torch.load(init_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
+    if cfg.pipeline.deferred_batchnorm:
+        model = convert_deferred_batchnorm(model)
     return model
 
 
@@ -79,8 +88,11 @@ def stage_device(cfg: TrainConfig, stage_idx: int, local_rank: int | None = None
 def build_stage(
     cfg: TrainConfig, module: StageModule, stage_idx: int, num_stages: int, device: torch.device
 ) -> Stage:
-    """Stage ``stage_idx`` of ``num_stages``, holding ``module``, with its own optimizer."""
-    return Stage(
+    """Stage ``stage_idx`` of ``num_stages``, holding ``module``, with its own optimizer.
+
+    Its DeferredBatchNorm layers, if any, commit their statistics each time the stage steps.
+    """
+    stage = Stage(
         stage_idx=stage_idx,
         num_stages=num_stages,
         module=module,
@@ -90,6 +102,30 @@ def build_stage(
         loss_scale=1.0 / cfg.pipeline.num_microbatches,
         stop_on_nan=cfg.train.stop_on_nan,
     )
+    _commit_batchnorm_on_step(stage)
+    return stage
+
+
+def _commit_batchnorm_on_step(stage: Stage) -> None:
+    """Commit ``stage``'s DeferredBatchNorm statistics right after each of its optimizer steps.
+
+    Through an optimizer step hook; a stage without an optimizer gets its ``step`` wrapped instead.
+    """
+    module = stage.module
+    if not deferred_batchnorms(module):
+        return
+    optimizer = getattr(stage, "optimizer", None)
+    if optimizer is not None:
+        optimizer.register_step_post_hook(lambda *_: commit_deferred_batchnorm(module))
+        return
+    step = stage.step
+
+    def step_and_commit(*args, **kwargs):
+        report = step(*args, **kwargs)
+        commit_deferred_batchnorm(module)
+        return report
+
+    stage.step = step_and_commit
 
 
 def build_stages(

@@ -1,9 +1,9 @@
 """The typed configuration schema of a pipetrain run.
 
-Hydra composes ``conf/train.yaml`` (plus overrides) on top of :class:`TrainConfig`, which is registered
-in Hydra's ConfigStore as ``train_schema``; struct mode makes a misspelled key an error. The entry points
-turn the composed ``DictConfig`` into these dataclasses (:func:`to_train_config`); everything else in
-pipetrain works on the dataclasses only.
+Hydra composes ``pipetrain/conf/train.yaml`` (plus overrides) on top of :class:`TrainConfig`, which is
+registered in Hydra's ConfigStore as ``train_schema``; struct mode makes a misspelled key an error. The
+entry points turn the composed ``DictConfig`` into these dataclasses (:func:`to_train_config`); everything
+else in pipetrain works on the dataclasses only.
 
 ``model``, ``data`` and ``optim`` are *target specs*: a ``_target_`` (dotted path of a callable) plus its
 keyword arguments, so any importable callable can be plugged in from the command line.
@@ -21,6 +21,7 @@ __all__ = [
     "LogConfig",
     "RpcConfig",
     "CheckpointConfig",
+    "LoaderConfig",
     "TrainConfig",
     "register_schema",
 ]
@@ -36,6 +37,9 @@ class PipelineConfig:
     """How many consecutive units each stage takes, e.g. ``[3, 3]``. Exactly one of stages / balance."""
     num_microbatches: int = 4
     """Micro-batches per batch; ``train.batch_size`` must be divisible by it."""
+    deferred_batchnorm: bool = False
+    """Replace BatchNorm layers by ones that gather their running statistics over the whole batch and
+    update them once per step (normalisation still uses each micro-batch's own statistics)."""
 
 
 @dataclass(kw_only=True)
@@ -93,6 +97,22 @@ class CheckpointConfig:
     """Save every this many steps (``0``: only at the end of the run)."""
     resume: str | None = None
     """A ``checkpoints/`` or ``checkpoints/step_<N>`` directory to continue from."""
+    keep_last: int = 0
+    """Keep only the newest this many complete checkpoints (``0``: keep all)."""
+    at_end: bool = True
+    """Save a checkpoint after the last step."""
+    on_interrupt: bool = True
+    """Save a checkpoint when the run is interrupted (Ctrl-C, SIGTERM to ``pipetrain.train``)."""
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    """How the driver loads batches: a ``DataLoader`` that prepares the next batches during the step."""
+
+    num_workers: int = 1
+    """Loader processes (``0``: load in the driver, between steps)."""
+    prefetch_factor: int = 2
+    """Batches each loader process prepares ahead (with ``num_workers > 0``)."""
 
 
 @dataclass(kw_only=True)
@@ -111,6 +131,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     seed: int = 0
     """Seeds model initialisation and data order; every process uses the same seed."""
     device: str = "auto"

@@ -7,7 +7,11 @@ be plugged in with ``data._target_``. :class:`BatchOrder` makes the batch of eve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from http.client import HTTPException
 from pathlib import Path
+from typing import Any
+from urllib.error import URLError
 
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
@@ -18,6 +22,7 @@ __all__ = [
     "synthetic_images",
     "cifar10",
     "imagefolder",
+    "check_num_classes",
     "BatchOrder",
 ]
 
@@ -57,36 +62,164 @@ def synthetic_images(
     return TensorDataset(images, labels)
 
 
-def _existing_root(root: str | None, hint: str) -> Path:
+_CIFAR10_FOLDER = "cifar-10-batches-py"
+_CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+_CIFAR10_URL = f"https://www.cs.toronto.edu/~kriz/{_CIFAR10_ARCHIVE}"
+_NETWORK_ERRORS = (URLError, ConnectionError, TimeoutError, HTTPException)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _root_is_set(root: str | None, hint: str) -> Path:
+    """``root`` as a path; ``ValueError`` naming ``data.root`` when it is not set."""
     if root in (None, "", "???"):
         raise ValueError(f"data.root: not set; {hint}")
-    path = Path(root).expanduser()
+    return Path(root).expanduser()
+
+
+def _existing_root(root: str | None, hint: str) -> Path:
+    """``root`` as an existing directory; ``ValueError`` naming ``data.root`` otherwise."""
+    path = _root_is_set(root, hint)
     if not path.is_dir():
         raise ValueError(f"data.root: {str(path)!r} is not a directory; {hint}")
     return path
 
 
-def cifar10(root: str, download: bool = False, train: bool = True) -> Dataset:
-    """CIFAR-10 from torchvision, as normalised tensors."""
-    from torchvision import datasets, transforms
+def _check_cifar10_root(path: Path) -> None:
+    """Refuse a ``data.root`` without the ``cifar-10-batches-py/`` folder torchvision reads."""
+    if (path / _CIFAR10_FOLDER).is_dir():
+        return
+    fix = (
+        f"point data.root at the folder that holds {_CIFAR10_FOLDER}/ (the unpacked {_CIFAR10_ARCHIVE}), "
+        "or add data.download=true to fetch it there"
+    )
+    if path.name == _CIFAR10_FOLDER or (path / "data_batch_1").exists():
+        raise ValueError(
+            f"data.root: {str(path)!r} is the {_CIFAR10_FOLDER} folder itself; set data.root to its parent "
+            f"{str(path.parent)!r}"
+        )
+    if not any(path.iterdir()):
+        raise ValueError(f"data.root: {str(path)!r} is empty; {fix}")
+    if (path / _CIFAR10_ARCHIVE).is_file():
+        raise ValueError(
+            f"data.root: {str(path)!r} holds {_CIFAR10_ARCHIVE} but not {_CIFAR10_FOLDER}/; unpack it there "
+            f"(tar xzf {_CIFAR10_ARCHIVE}) or add data.download=true, which unpacks it"
+        )
+    raise ValueError(f"data.root: {str(path)!r} has no {_CIFAR10_FOLDER}/ folder; {fix}")
 
-    if not download:
-        _existing_root(root, "point it at a CIFAR-10 folder, or add data.download=true")
-    transform = transforms.Compose(
+
+def _damaged_cifar10_files(dataset_class, path: Path) -> list[str]:
+    """The CIFAR-10 files under ``path`` that are missing or fail torchvision's checksum."""
+    from torchvision.datasets.utils import check_integrity
+
+    expected = [*dataset_class.train_list, *dataset_class.test_list]
+    expected.append([dataset_class.meta["filename"], dataset_class.meta["md5"]])
+    return [name for name, md5 in expected if not check_integrity(str(path / _CIFAR10_FOLDER / name), md5)]
+
+
+def _cifar10_download_failed(path: Path, error: BaseException) -> ValueError:
+    """The error for a failed ``data.download=true``: what failed, and how to get the data there."""
+    network = isinstance(error, _NETWORK_ERRORS)
+    return ValueError(
+        f"data.download: downloading CIFAR-10 into {str(path)!r} failed ({_first_line(error)}"
+        f"{'; no network?' if network else ''}); download {_CIFAR10_URL} on a machine that can, unpack it "
+        f"(tar xzf {_CIFAR10_ARCHIVE}) and set data.root to the folder holding {_CIFAR10_FOLDER}/, "
+        "with data.download=false"
+    )
+
+
+def _cifar10_transform():
+    """CIFAR-10 images as tensors normalised with the training set's per-channel mean and std."""
+    from torchvision import transforms
+
+    return transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))]
     )
-    return datasets.CIFAR10(root=root, train=train, download=download, transform=transform)
+
+
+def cifar10(root: str, download: bool = False, train: bool = True) -> Dataset:
+    """CIFAR-10 from torchvision (``root/cifar-10-batches-py/``), as normalised tensors.
+
+    ``download=True`` fetches it into ``root`` first unless it is already there. Every failure is a
+    ``ValueError`` naming ``data.root`` or ``data.download`` and the fix.
+    """
+    from torchvision import datasets
+
+    if download:
+        path = _root_is_set(root, "set it to the folder to download CIFAR-10 into")
+    else:
+        path = _existing_root(
+            root, f"point it at the folder that holds {_CIFAR10_FOLDER}/, or add data.download=true"
+        )
+    if download and path.exists() and not path.is_dir():
+        raise ValueError(f"data.root: {str(path)!r} is a file; set data.root to a folder to download into")
+    if not download:
+        _check_cifar10_root(path)
+    try:
+        dataset = datasets.CIFAR10(
+            root=str(path), train=train, download=download, transform=_cifar10_transform()
+        )
+    except (OSError, RuntimeError, HTTPException) as error:
+        if download:
+            raise _cifar10_download_failed(path, error) from None
+        raise _cifar10_damaged(datasets.CIFAR10, path, error) from None
+    return dataset
+
+
+def _cifar10_damaged(dataset_class, path: Path, error: BaseException) -> ValueError:
+    """The error for a ``cifar-10-batches-py/`` folder torchvision refuses: which files, and the fix."""
+    damaged = ", ".join(_damaged_cifar10_files(dataset_class, path)) or _first_line(error)
+    return ValueError(
+        f"data.root: {str(path / _CIFAR10_FOLDER)!r} is incomplete or damaged (missing or failing "
+        f"torchvision's checksum: {damaged}); unpack {_CIFAR10_ARCHIVE} there again, or add "
+        "data.download=true to fetch it"
+    )
+
+
+def _class_folders(path: Path) -> list[str]:
+    """The sub-folder names of ``path`` (the classes of an image folder), sorted; hidden ones skipped."""
+    return sorted(entry.name for entry in path.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
 def imagefolder(root: str, image_size: int = 224) -> Dataset:
     """A torchvision ``ImageFolder`` (``root/<class>/<image>``) resized to ``image_size``."""
     from torchvision import datasets, transforms
 
-    path = _existing_root(root, "point it at a folder of class sub-folders (root/<class>/<image>)")
+    hint = "point it at a folder of class sub-folders (root/<class>/<image>)"
+    path = _existing_root(root, hint)
+    if not _class_folders(path):
+        state = "is empty" if not any(path.iterdir()) else "has no class sub-folders"
+        raise ValueError(f"data.root: {str(path)!r} {state}; {hint}")
     transform = transforms.Compose(
         [transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.ToTensor()]
     )
-    return datasets.ImageFolder(str(path), transform=transform)
+    try:
+        return datasets.ImageFolder(str(path), transform=transform)
+    except FileNotFoundError as error:  # class folders without a single image
+        raise ValueError(f"data.root: {str(path)!r}: {_first_line(error)}; {hint}") from None
+
+
+def check_num_classes(dataset: Dataset, model_spec: Mapping[str, Any], data_spec: Mapping[str, Any]) -> None:
+    """Refuse a model whose ``num_classes`` differs from the dataset's class count.
+
+    Applies to datasets that list their classes (``dataset.classes``: torchvision's ``ImageFolder``,
+    ``CIFAR10``, ...) and models configured with ``num_classes``; others pass unchecked.
+    """
+    classes = getattr(dataset, "classes", None)
+    num_classes = model_spec.get("num_classes")
+    if classes is None or not isinstance(num_classes, int) or num_classes == len(classes):
+        return
+    shown = ", ".join(map(str, classes[:5])) + (", ..." if len(classes) > 5 else "")
+    root = data_spec.get("root")
+    source = f"data.root={root!r}" if root else f"data ({data_spec.get('_target_')})"
+    raise ValueError(
+        f"model.num_classes: the model has {num_classes} classes but {source} has {len(classes)} classes "
+        f"({shown}); set model.num_classes={len(classes)}"
+    )
 
 
 class BatchOrder:

@@ -6,21 +6,35 @@ process (tests, debugging) and stage workers over RPC.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipetrain import boundary
 from pipetrain.build import build_schedule_for
-from pipetrain.checkpoint import commit_checkpoint, partial_dir, save_stage
+from pipetrain.checkpoint import (
+    commit_checkpoint,
+    find_checkpoint,
+    optimizer_manifest,
+    partial_dir,
+    prune_checkpoints,
+    remove_stale_partials,
+    resume_notice,
+    save_stage,
+    written_bytes,
+)
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.executor import execute, wait_all
-from pipetrain.failures import RunStopped, stop_requested
+from pipetrain.failures import RunStopped, StageFailure, interrupt_requested, stop_requested
+from pipetrain.loader import DataError, step_batches
 from pipetrain.metrics import MetricsLogger, StepMetrics, format_progress, step_metrics
 from pipetrain.partition import StagePlan
 from pipetrain.schedule import Schedule
@@ -40,20 +54,27 @@ class StepResult:
     window_s: float
     """Wall time of the schedule's execution, from the first action issued to the last one done."""
     step_time_s: float
-    """Wall time of the whole step, optimizer steps included."""
+    """Wall time of the whole step, optimizer steps included (in training: since the previous step ended,
+    so loading the batch, logging and checkpoints count too)."""
+    data_time_s: float = 0.0
+    """Time the driver waited for the step's batch."""
 
 
 def split_microbatches(
     inputs: torch.Tensor, targets: torch.Tensor, num_microbatches: int
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Split a batch into ``num_microbatches`` equal micro-batches along dimension 0."""
-    batch_size = inputs.shape[0]
+    """Split a batch into ``num_microbatches`` equal micro-batches along dimension 0.
+
+    ``inputs`` and ``targets`` are tensors or nested tuples, lists and dicts of them (constants are
+    repeated in every micro-batch); each micro-batch has the same structure.
+    """
+    batch_size = boundary.batch_size(inputs)
     if batch_size % num_microbatches:
         raise ValueError(
             f"train.batch_size: {batch_size} is not divisible by pipeline.num_microbatches="
             f"{num_microbatches}; choose a batch size that is a multiple of it"
         )
-    return list(inputs.chunk(num_microbatches)), list(targets.chunk(num_microbatches))
+    return boundary.split(inputs, num_microbatches), boundary.split(targets, num_microbatches)
 
 
 def run_step(
@@ -92,33 +113,75 @@ class Driver:
         self.run_dir = run_dir
         self.print_fn = print_fn
         self.logger = MetricsLogger(run_dir) if run_dir is not None else None
+        self.interrupted_after: int | None = None
+        """The step after which an interrupt (Ctrl-C) stopped training, if one did."""
 
     def train(self, start_step: int = 0) -> list[float]:
-        """Run the remaining steps; return the loss of every step run."""
+        """Run the remaining steps; return the loss of every step run.
+
+        A failing step raises :class:`StageFailure` or :class:`~pipetrain.loader.DataError` with
+        ``step`` set to the (1-based) step it stopped in.
+        """
         cfg = self.cfg
         losses: list[float] = []
         last_metrics: StepMetrics | None = None
+        pin_memory = cfg.device != "cpu" and torch.cuda.is_available()
+        batches = step_batches(self.batches, start_step, cfg.train.steps, cfg.loader, pin_memory)
         try:
+            self._before_first_step()
+            previous_end = time.time()
             for step in range(start_step, cfg.train.steps):
                 if stop_requested():
                     raise RunStopped("stop requested")
-                inputs, targets = self.batches.batch(step)
-                result = run_step(
-                    self.handles,
-                    self.schedule,
-                    inputs,
-                    targets,
-                    cfg.pipeline.num_microbatches,
-                    timeout_s=cfg.rpc.timeout_s,
-                )
+                if interrupt_requested():
+                    self._stop_interrupted(step)
+                    break
+                with _naming_step(step + 1):
+                    inputs, targets = next(batches)
+                    data_time_s = time.time() - previous_end
+                    result = run_step(
+                        self.handles,
+                        self.schedule,
+                        inputs,
+                        targets,
+                        cfg.pipeline.num_microbatches,
+                        timeout_s=cfg.rpc.timeout_s,
+                    )
                 losses.append(result.loss)
+                step_end = time.time()
+                result = dataclasses.replace(
+                    result, step_time_s=step_end - previous_end, data_time_s=data_time_s
+                )
                 last_metrics = self._record(step + 1, result) or last_metrics
+                previous_end = step_end
             if self.logger is not None and last_metrics is not None:
                 self.logger.log_hparams(_hparams(cfg, len(self.handles)), _final_figures(last_metrics))
         finally:
+            del batches  # stops the loader's processes
             if self.logger is not None:
                 self.logger.close()
         return losses
+
+    def _before_first_step(self) -> None:
+        """Remove checkpoints that killed runs left unfinished; say what a resume changes."""
+        if self.run_dir is not None:
+            for stale in remove_stale_partials(self.run_dir / "checkpoints"):
+                self.print_fn(f"pipetrain: removed {stale}, left unfinished by an earlier run")
+        resume = self.cfg.checkpoint.resume
+        if resume:
+            try:
+                self.print_fn(resume_notice(find_checkpoint(resume), self.cfg.optim))
+            except Exception as error:  # noqa: BLE001 - the notice only informs; the run goes on
+                self.print_fn(f"pipetrain: resuming from {resume} (cannot compare it with optim: {error})")
+
+    def _stop_interrupted(self, steps_done: int) -> None:
+        """Stop after ``steps_done`` steps, saving a checkpoint unless told not to (or one is there)."""
+        self.interrupted_after = steps_done
+        saved = self.run_dir is not None and (self.run_dir / "checkpoints" / f"step_{steps_done}").is_dir()
+        if self.run_dir is None or not self.cfg.checkpoint.on_interrupt or saved or steps_done == 0:
+            return
+        path = self.save_checkpoint(steps_done)
+        self.print_fn(f"pipetrain: saved {path}; continue with checkpoint.resume={path}")
 
     def _record(self, steps_done: int, result: StepResult) -> StepMetrics | None:
         """Log, trace and checkpoint as configured after ``steps_done`` steps; the metrics if logged."""
@@ -134,6 +197,7 @@ class Driver:
                 result.window_s,
                 result.reports,
                 self.schedule,
+                data_time_s=result.data_time_s,
             )
             self.print_fn(format_progress(metrics, cfg.train.steps))
             if self.logger is not None:
@@ -142,19 +206,24 @@ class Driver:
         if self.logger is not None and (trace_due or is_last):
             self.logger.write_trace(steps_done, result.reports)
         checkpoint_due = cfg.checkpoint.every and steps_done % cfg.checkpoint.every == 0
-        if self.run_dir is not None and (checkpoint_due or is_last):
+        if self.run_dir is not None and (checkpoint_due or (is_last and cfg.checkpoint.at_end)):
             self.save_checkpoint(steps_done)
         return metrics
 
     def save_checkpoint(self, step: int) -> Path:
-        """Every stage writes its file in parallel; the checkpoint is committed once all are written."""
+        """Every stage writes its file in parallel; the checkpoint is committed once all are written.
+
+        A save fails only when its files grow by no byte for ``rpc.timeout_s``, however long it takes.
+        Then checkpoints beyond the newest ``checkpoint.keep_last`` are deleted.
+        """
         assert self.run_dir is not None
         directory = partial_dir(self.run_dir / "checkpoints", step)
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         saves = [(h.label, "checkpoint save", h.call(save_stage, str(directory), step)) for h in self.handles]
-        wait_all(saves, self.cfg.rpc.timeout_s, {h.stage_idx: h.label for h in self.handles})
+        labels = {h.stage_idx: h.label for h in self.handles}
+        wait_all(saves, self.cfg.rpc.timeout_s, labels, progress=lambda: written_bytes(directory))
         manifest = {
             "step": step,
             "num_stages": len(self.handles),
@@ -162,8 +231,21 @@ class Driver:
             "schedule": self.cfg.schedule.name,
             "num_microbatches": self.cfg.pipeline.num_microbatches,
             "seed": self.cfg.seed,
+            **optimizer_manifest(self.cfg.optim),
         }
-        return commit_checkpoint(directory, manifest)
+        committed = commit_checkpoint(directory, manifest)
+        prune_checkpoints(committed.parent, self.cfg.checkpoint.keep_last)
+        return committed
+
+
+@contextmanager
+def _naming_step(step: int) -> Iterator[None]:
+    """Tag a failure raised inside with the step it stopped."""
+    try:
+        yield
+    except (StageFailure, DataError) as failure:
+        failure.step = step
+        raise
 
 
 def _hparams(cfg: TrainConfig, num_stages: int) -> dict[str, Any]:

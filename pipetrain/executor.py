@@ -106,19 +106,24 @@ def wait_all(
     timeout_s: float | None = None,
     labels: dict[int, str] | None = None,
     blame: Callable[[list[bool], int | None], int] | None = None,
+    progress: Callable[[], Any] | None = None,
 ) -> list[Any]:
     """Wait for every ``(label, what, future)``; return their values in order.
 
     Raises :class:`StageFailure` for the first future to fail, or when none completes for ``timeout_s``
-    seconds (a stuck stage: the run makes no progress). A :class:`StageError` names its origin (work
-    that depends on a failed action fails with the original error); ``labels`` (stage index -> label)
-    turn it into the report. For other errors (a process gone) and when stuck, ``blame(ok, failed)``
-    picks the entry to name from the flags of entries done without error and the failed entry's index
-    (``None`` when stuck); by default the failed entry, or the first unfinished one.
+    seconds (a stuck stage: the run makes no progress). ``progress``, when given, is a probe polled while
+    waiting whose value changes as the work advances (e.g. the bytes a checkpoint save has written): a
+    change counts as progress too, so long work is bounded by its own progress, not by its duration.
+    A :class:`StageError` names its origin (work that depends on a failed action fails with the original
+    error); ``labels`` (stage index -> label) turn it into the report. For other errors (a process gone)
+    and when stuck, ``blame(ok, failed)`` picks the entry to name from the flags of entries done without
+    error and the failed entry's index (``None`` when stuck); by default the failed entry, or the first
+    unfinished one.
     """
     changed = threading.Event()
     lock = threading.Lock()
     state: dict[str, Any] = {"left": len(pending), "first_error": None, "progress_at": time.monotonic()}
+    last_probe = progress() if progress is not None else None
     ok = [False] * len(pending)
 
     def _on_done(index: int, future: torch.futures.Future) -> None:
@@ -145,6 +150,10 @@ def wait_all(
                 idle_for = time.monotonic() - state["progress_at"]
             if stop_requested():
                 raise RunStopped("stop requested")
+            if progress is not None and (probed := progress()) != last_probe:
+                last_probe, idle_for = probed, 0.0
+                with lock:
+                    state["progress_at"] = time.monotonic()
             if timeout_s is not None and idle_for >= timeout_s:
                 with lock:
                     index = blame(list(ok), None) if blame is not None else ok.index(False)

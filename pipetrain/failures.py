@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import traceback
 
-__all__ = ["StageError", "StageFailure", "RunStopped", "request_stop", "stop_requested"]
+__all__ = [
+    "StageError",
+    "StageFailure",
+    "RunStopped",
+    "request_stop",
+    "stop_requested",
+    "request_interrupt",
+    "interrupt_requested",
+]
 
 _CONNECTION_LOST = ("eof", "pipe closed", "connection reset", "connection refused", "broken pipe")
 
@@ -48,6 +56,8 @@ class StageFailure(RuntimeError):
         self.label = label
         self.what = what
         self.cause = cause
+        self.step: int | None = None
+        """The (1-based) training step the failure stopped, when the driver knows it."""
 
 
 class RunStopped(BaseException):
@@ -71,3 +81,23 @@ def request_stop() -> None:
 def stop_requested() -> bool:
     """Whether :func:`request_stop` was called."""
     return _stop_requested
+
+
+_interrupt_requested = False
+
+
+def request_interrupt() -> bool:
+    """Ask the driver to stop after the current step and save (Ctrl-C); return whether it was asked before.
+
+    Unlike :func:`request_stop`, no wait is cut short: the step in flight finishes, so the stages are
+    consistent and a final checkpoint can be written.
+    """
+    global _interrupt_requested
+    asked_before = _interrupt_requested
+    _interrupt_requested = True
+    return asked_before
+
+
+def interrupt_requested() -> bool:
+    """Whether :func:`request_interrupt` was called."""
+    return _interrupt_requested

@@ -1,21 +1,36 @@
-"""Start one run's processes with torchrun on this machine, stream their output, return their status.
+"""Start one run's processes with torchrun on this machine, show the driver's output, return the status.
 
 Single-node runs rendezvous on a free loopback port and keep RPC (TensorPipe, Gloo) on the loopback
 interface: RPC executes pickled calls, so it must never listen where untrusted hosts can reach it.
+
+The console shows the driver's own lines (plan, progress, the one-line result) and nothing else; every
+process's full output goes to ``<run_dir>/logs/`` (torchrun's own to ``logs/torchrun.log``), and the
+driver's lines also to ``<run_dir>/train.log``.
+
+Ctrl-C (or SIGTERM) asks the driver to finish its step and save a checkpoint; a second one stops every
+process at once.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from pipetrain.run_dir import DRIVER_PID_FILE
 
 __all__ = ["free_loopback_port", "torchrun_command", "run_torchrun"]
 
-_STOP_GRACE_S = 10.0
+_TEE_PREFIX = re.compile(r"^\[[^\]\s]*0\]:")
+_POLL_S = 0.1
 
 
 def free_loopback_port() -> int:
@@ -25,8 +40,8 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(num_processes: int, overrides: Sequence[str], port: int) -> list[str]:
-    """The torchrun command line for one driver plus ``num_processes - 1`` stage workers."""
+def torchrun_command(num_processes: int, worker_args: Sequence[str], port: int, log_dir: Path) -> list[str]:
+    """torchrun for one driver plus ``num_processes - 1`` stage workers; only rank 0 reaches the console."""
     return [
         sys.executable,
         "-m",
@@ -35,39 +50,101 @@ def torchrun_command(num_processes: int, overrides: Sequence[str], port: int) ->
         f"--nproc-per-node={num_processes}",
         "--master-addr=127.0.0.1",
         f"--master-port={port}",
+        f"--log-dir={log_dir}",
+        "--redirects=3",
+        "--tee=1",
+        "--local-ranks-filter=0",
         "-m",
         "pipetrain.worker",
-        *overrides,
+        *worker_args,
     ]
 
 
-def run_torchrun(num_processes: int, overrides: Sequence[str]) -> int:
-    """Run torchrun to completion in its own process group; Ctrl-C stops every process of the run."""
-    env = dict(os.environ)
+def run_torchrun(num_processes: int, worker_args: Sequence[str], run_dir: Path, env: dict[str, str]) -> int:
+    """Run torchrun to completion in its own process group; return its exit status (130 if interrupted)."""
+    env = {**os.environ, **env}
     env.setdefault("TP_SOCKET_IFNAME", "lo")
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = torchrun_command(num_processes, overrides, free_loopback_port())
-    process = subprocess.Popen(command, env=env, start_new_session=True)
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        _stop(process)
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = torchrun_command(num_processes, worker_args, free_loopback_port(), log_dir)
+    with open(log_dir / "torchrun.log", "ab") as torchrun_log, open(run_dir / "train.log", "a") as train_log:
+        process = subprocess.Popen(
+            command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=torchrun_log, text=True
+        )
+        echo = threading.Thread(target=_echo, args=(process.stdout, train_log), daemon=True)
+        echo.start()
+        interrupts = _Interrupts()
+        try:
+            status = _wait(process, run_dir, interrupts)
+        finally:
+            interrupts.restore()
+            if process.poll() is None:
+                _kill(process)
+        echo.join(timeout=5)
+    if interrupts.count:
         return 130
-    finally:
-        if process.poll() is None:
-            _stop(process)
+    if status != 0:
+        print(f"pipetrain: the output of every process of the run is in {log_dir}", flush=True)
+    return status
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the whole group (torchrun forwards it to the workers), SIGKILL what is left after a grace."""
-    for sig, grace in ((signal.SIGTERM, _STOP_GRACE_S), (signal.SIGKILL, None)):
+class _Interrupts:
+    """Counts SIGINT / SIGTERM while the run is on, instead of raising into the wait."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.count += 1
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _wait(process: subprocess.Popen, run_dir: Path, interrupts: _Interrupts) -> int:
+    """Wait for torchrun; pass the first interrupt to the driver, stop everything at the second."""
+    handled = 0
+    while True:
         try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=grace)
-            return
+            return process.wait(timeout=_POLL_S)
         except subprocess.TimeoutExpired:
+            pass
+        if interrupts.count == handled:
             continue
+        handled = interrupts.count
+        if handled >= 2 or not _interrupt_driver(run_dir):
+            print("pipetrain: stopping every process of the run now", flush=True)
+            _kill(process)
+            return process.wait()
+
+
+def _interrupt_driver(run_dir: Path) -> bool:
+    """Send SIGINT to the run's driver (it finishes the step and saves); whether one was there to ask."""
+    try:
+        os.kill(int((run_dir / DRIVER_PID_FILE).read_text()), signal.SIGINT)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _echo(stream: IO[str], log: IO[str]) -> None:
+    """Copy the driver's lines (tee'd by torchrun) to the console and to ``train.log``."""
+    for line in stream:
+        line = _TEE_PREFIX.sub("", line, count=1)
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        log.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}")
+        log.flush()
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """SIGKILL torchrun's whole group; its workers die with it (they ask the kernel to)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()

@@ -57,6 +57,7 @@ class StepMetrics:
     loss: float
     samples_per_sec: float
     step_time_s: float
+    """Wall time since the previous step ended: loading the batch, the schedule, the optimizer steps."""
     bubble_fraction: float
     """Measured: idle over idle + busy, summed over stages."""
     bubble_fraction_predicted: float
@@ -64,6 +65,8 @@ class StepMetrics:
     bubble_fraction_predicted_measured_costs: float
     """Simulated bubble of the schedule with this step's measured mean compute times."""
     stages: tuple[StageFigures, ...]
+    data_time_s: float = 0.0
+    """Time the driver waited for the step's batch (included in ``step_time_s``)."""
 
     def scalars(self) -> dict[str, float]:
         """The tag -> value mapping written to TensorBoard and ``metrics.jsonl``."""
@@ -71,6 +74,7 @@ class StepMetrics:
             "train/loss": float(self.loss),
             "perf/samples_per_sec": float(self.samples_per_sec),
             "perf/step_time_s": float(self.step_time_s),
+            "perf/data_time_s": float(self.data_time_s),
             "pipeline/bubble_fraction": float(self.bubble_fraction),
             "pipeline/bubble_fraction_predicted": float(self.bubble_fraction_predicted),
             "pipeline/bubble_fraction_predicted_measured_costs": float(
@@ -149,11 +153,13 @@ def step_metrics(
     window_s: float,
     reports: Sequence[StageReport],
     schedule: Schedule,
+    data_time_s: float = 0.0,
 ) -> StepMetrics:
     """Assemble the :class:`StepMetrics` of one step from the stages' reports.
 
     ``step_time_s`` is the whole step (including the optimizer) and gives the throughput;
-    ``window_s`` is the schedule's execution window (see :func:`stage_figures`).
+    ``window_s`` is the schedule's execution window (see :func:`stage_figures`); ``data_time_s`` is the
+    part of the step spent waiting for the batch.
     """
     figures = stage_figures(reports, window_s)
     return StepMetrics(
@@ -165,6 +171,7 @@ def step_metrics(
         bubble_fraction_predicted=simulate(schedule).bubble_fraction,
         bubble_fraction_predicted_measured_costs=simulate(schedule, measured_costs(reports)).bubble_fraction,
         stages=figures,
+        data_time_s=float(data_time_s),
     )
 
 

@@ -100,10 +100,18 @@ def _check_stage_count(key: str, num_stages: int, unit_names: Sequence[str], per
     if num_stages == 0:
         raise ValueError(f"{key}: empty; give {per_stage} per stage")
     if num_stages > len(unit_names):
+        fits = f", e.g. {_even_balance(len(unit_names), num_stages)}" if key == "pipeline.balance" else ""
         raise ValueError(
             f"{key}: {num_stages} stages but the model has only {len(unit_names)} units "
-            f"({list(unit_names)}); use at most {len(unit_names)} stages"
+            f"({list(unit_names)}); use at most {len(unit_names)} stages{fits}"
         )
+
+
+def _even_balance(num_units: int, num_stages: int) -> str:
+    """An override splitting ``num_units`` as evenly as possible into at most ``num_stages`` stages."""
+    num_stages = max(1, min(num_stages, num_units))
+    counts = [num_units // num_stages + (idx < num_units % num_stages) for idx in range(num_stages)]
+    return f"pipeline.balance=[{','.join(map(str, counts))}]"
 
 
 def _plan_from_balance(unit_names: Sequence[str], balance: Sequence[int]) -> StagePlan:
@@ -114,7 +122,8 @@ def _plan_from_balance(unit_names: Sequence[str], balance: Sequence[int]) -> Sta
     if sum(balance) != len(unit_names):
         raise ValueError(
             f"pipeline.balance: {list(balance)} sums to {sum(balance)} but the model has "
-            f"{len(unit_names)} units ({list(unit_names)}); make the counts sum to {len(unit_names)}"
+            f"{len(unit_names)} units ({list(unit_names)}); make the counts sum to {len(unit_names)}, "
+            f"e.g. {_even_balance(len(unit_names), len(balance))}"
         )
     stages, start = [], 0
     for count in balance:

@@ -7,18 +7,20 @@ micro-batch's shape through the whole model.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipetrain.build import MODEL_SPEC_EXTRAS, build_dataset, build_plan, build_schedule_for
 from pipetrain.checkpoint import find_checkpoint, read_manifest
+from pipetrain.composition import check_model_composes
 from pipetrain.config import TrainConfig
+from pipetrain.data import check_num_classes
 from pipetrain.losses import get_loss
 from pipetrain.partition import StagePlan, partition
+from pipetrain.state_checks import check_checkpoint_readable, check_model_init, check_state_fits
 from pipetrain.targets import call_target, check_target_arguments
 
-__all__ = ["check_settings", "preflight"]
+__all__ = ["check_settings", "preflight", "stage_plan"]
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -31,7 +33,10 @@ def check_settings(cfg: TrainConfig) -> None:
     _at_least(cfg.train.log_every, 1, "train.log_every")
     _at_least(cfg.log.trace_every, 0, "log.trace_every")
     _at_least(cfg.checkpoint.every, 0, "checkpoint.every")
+    _at_least(cfg.checkpoint.keep_last, 0, "checkpoint.keep_last")
     _at_least(cfg.rpc.num_worker_threads, 1, "rpc.num_worker_threads")
+    _at_least(cfg.loader.num_workers, 0, "loader.num_workers")
+    _at_least(cfg.loader.prefetch_factor, 1, "loader.prefetch_factor")
     if not cfg.rpc.timeout_s > 0:
         raise ValueError(f"rpc.timeout_s: {cfg.rpc.timeout_s} must be > 0 seconds")
     if cfg.train.batch_size % cfg.pipeline.num_microbatches:
@@ -53,9 +58,14 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ValueError(
             "optim._partial_: must be true (each stage builds its optimizer on its own parameters)"
         )
-    init_path = cfg.model.get("init")
-    if init_path and not Path(init_path).is_file():
-        raise ValueError(f"model.init: {init_path!r} is not a file; give the path of a full-model state dict")
+
+
+def stage_plan(cfg: TrainConfig) -> StagePlan:
+    """The stage plan of a configuration that :func:`preflight` already accepted (no checks repeated)."""
+    with torch.device("meta"):
+        torch.manual_seed(cfg.seed)
+        model = call_target(cfg.model, "model", skip=MODEL_SPEC_EXTRAS)
+    return build_plan(cfg, model)
 
 
 def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
@@ -71,24 +81,43 @@ def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
         raise ValueError(
             f"model._target_: {cfg.model['_target_']} returned {type(model).__name__}, not an nn.Module"
         )
+    check_model_init(cfg.model, model)
+    _check_batchnorm_microbatch(cfg, model)
     plan = build_plan(cfg, model)
     partition(model, plan)
     build_schedule_for(cfg, plan.num_stages)
     if check_data:
         dataset = build_dataset(cfg)
+        check_num_classes(dataset, cfg.model, cfg.data)
         if len(dataset) < cfg.train.batch_size:
             raise ValueError(
                 f"train.batch_size: {cfg.train.batch_size} is larger than the dataset ({len(dataset)} "
                 "samples); lower train.batch_size or use more data"
             )
         _check_shapes(cfg, model, dataset)
+        check_model_composes(cfg, dataset)
     if cfg.checkpoint.resume:
-        _check_resume(cfg, plan)
+        _check_resume(cfg, plan, model)
     return plan
 
 
-def _check_resume(cfg: TrainConfig, plan: StagePlan) -> None:
+def _check_batchnorm_microbatch(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Refuse micro-batches of one sample for a model with BatchNorm (its statistics need more)."""
+    if cfg.train.batch_size // cfg.pipeline.num_microbatches != 1:
+        return
+    names = [name for name, sub in model.named_modules() if isinstance(sub, _BatchNorm)]
+    if names:
+        raise ValueError(
+            f"pipeline.num_microbatches: train.batch_size={cfg.train.batch_size} in "
+            f"{cfg.pipeline.num_microbatches} micro-batches gives micro-batches of 1 sample, but the "
+            f"model's BatchNorm layers (e.g. {names[0]!r}) need more than 1 sample for batch statistics; "
+            "lower pipeline.num_microbatches or raise train.batch_size so each micro-batch has >= 2 samples"
+        )
+
+
+def _check_resume(cfg: TrainConfig, plan: StagePlan, model: torch.nn.Module) -> None:
     step_dir = find_checkpoint(cfg.checkpoint.resume)
+    saved = check_checkpoint_readable(step_dir)
     manifest = read_manifest(step_dir)
     saved_units = [name for names in manifest["stages"] for name in names]
     units = [name for names in plan.stages for name in names]
@@ -103,6 +132,7 @@ def _check_resume(cfg: TrainConfig, plan: StagePlan) -> None:
             f"checkpoint.resume: the checkpoint is at step {step} and train.steps={cfg.train.steps}; "
             "raise train.steps to train further"
         )
+    check_state_fits("checkpoint.resume", saved, model, cfg.model, str(step_dir))
 
 
 def _check_shapes(cfg: TrainConfig, model: torch.nn.Module, dataset) -> None:

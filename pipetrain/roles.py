@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import signal
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -19,8 +18,10 @@ from pipetrain.checkpoint import find_checkpoint, load_checkpoint, restore_stage
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
-from pipetrain.failures import RunStopped, StageFailure, request_stop
+from pipetrain.failures import RunStopped, StageFailure
+from pipetrain.loader import DataError
 from pipetrain.partition import StagePlan, partition
+from pipetrain.run_dir import DRIVER_PID_FILE
 from pipetrain.transport.rpc import (
     DRIVER_NAME,
     RpcStageHandle,
@@ -45,33 +46,33 @@ def check_world_size(plan: StagePlan, world_size: int) -> None:
 
 
 def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> int:
-    """Rank 0: train over RPC stage handles; return the process exit status."""
+    """Rank 0: train over RPC stage handles; return the process exit status (130 when interrupted)."""
+    (run_dir / DRIVER_PID_FILE).write_text(str(os.getpid()))
     init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc)
     handles = [RpcStageHandle(idx, idx + 1) for idx in range(plan.num_stages)]
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     driver = Driver(cfg, handles, plan, batches, run_dir)
-    previous_handler = signal.signal(signal.SIGTERM, _request_stop)
     try:
         wall, cpu = time.monotonic(), time.process_time()
         driver.train(start_step=resume_step(cfg))
         driver_load = (time.process_time() - cpu) / max(time.monotonic() - wall, 1e-9)
-    except StageFailure as failure:
-        print(f"pipetrain: run stopped: {failure}", file=sys.stderr, flush=True)
+    except (StageFailure, DataError) as failure:
+        print(f"pipetrain: run stopped{_in_step(failure.step)}: {_describe(failure)}", flush=True)
         shutdown_rpc(graceful=False)
         return 1
-    except (RunStopped, KeyboardInterrupt) as stop:
-        reason = "interrupted" if isinstance(stop, KeyboardInterrupt) else "stopped by the launcher (SIGTERM)"
-        print(f"pipetrain: run {reason}; no stage failure was reported", file=sys.stderr, flush=True)
+    except RunStopped:
+        print("pipetrain: run stopped by the launcher (SIGTERM); no stage failure was reported", flush=True)
         shutdown_rpc(graceful=False)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+    shutdown_rpc(graceful=True)
+    if driver.interrupted_after is not None:
+        print(f"pipetrain: run interrupted after step {driver.interrupted_after}", flush=True)
+        return 130
     print(
         f"pipetrain: done (the driver used {driver_load:.0%} of one core); "
         f"TensorBoard: tensorboard --logdir {run_dir}",
         flush=True,
     )
-    shutdown_rpc(graceful=True)
     return 0
 
 
@@ -90,5 +91,14 @@ def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, w
     return 0
 
 
-def _request_stop(signum: int, frame: object) -> None:
-    request_stop()
+def _in_step(step: int | None) -> str:
+    return f" in step {step}" if step is not None else ""
+
+
+def _describe(failure: StageFailure | DataError) -> str:
+    """The failure's line, then the traceback of where it happened (once)."""
+    if isinstance(failure, StageFailure):
+        return str(failure)
+    if not failure.details:
+        return failure.summary
+    return f"{failure.summary}\n--- traceback in the data loader ---\n{failure.details.rstrip()}"

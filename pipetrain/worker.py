@@ -1,10 +1,13 @@
-"""torchrun entry point: every rank composes the same config; rank 0 drives, rank k+1 serves stage k.
+"""torchrun entry point: rank 0 drives, rank k+1 serves stage k, all of them one checked configuration.
 
     torchrun --nproc-per-node=4 -m pipetrain.worker pipeline.balance=[2,2,2] pipeline.num_microbatches=8
     torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         -m pipetrain.worker pipeline.balance=[2,2,2]         # multi-node: same command on every node
+    torchrun ... -m pipetrain.worker --config runs/.../config.yaml     # a resolved config, as written
 
-Arguments are Hydra overrides, exactly as for ``python -m pipetrain.train``.
+Arguments are Hydra overrides, exactly as for ``python -m pipetrain.train``: rank 0 composes and checks
+them, writes ``<run_dir>/config.yaml`` and shares it with the other ranks through torchrun's store.
+``python -m pipetrain.train`` runs this module with ``--config``.
 """
 
 from __future__ import annotations
@@ -13,41 +16,96 @@ import ctypes
 import os
 import signal
 import sys
-import time
+from contextlib import nullcontext
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from pipetrain.compose import compose_config, to_train_config
-from pipetrain.preflight import preflight
+from pipetrain.build import resume_step
+from pipetrain.checkpoint import check_run_dir_checkpoints
+from pipetrain.compose import compose_config, load_run_config, to_train_config, write_run_config
+from pipetrain.config_share import ConfigRefused, has_shared_store, publish_config, receive_config
+from pipetrain.failures import request_interrupt, request_stop
+from pipetrain.preflight import preflight, stage_plan
 from pipetrain.roles import check_world_size, drive, serve_stage
+from pipetrain.run_dir import RunLock, check_writable, default_run_dir
 
-__all__ = ["main"]
+__all__ = ["LOCK_HELD_ENV", "main"]
+
+LOCK_HELD_ENV = "PIPETRAIN_RUN_LOCK_HELD"
+"""Set by ``pipetrain.train``, which holds the run directory's lock for the whole run."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run this process's role; return its exit status."""
-    overrides = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else argv
     _exit_with_launcher()
     _stay_on_loopback()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    _handle_signals(is_driver=rank == 0)
+    lock = None
     try:
-        composed = compose_config(overrides)
+        if args[:1] == ["--config"]:
+            composed = load_run_config(Path(args[1]))
+        elif rank == 0:
+            composed, lock = _compose_and_write(args)
+        else:
+            composed = load_run_config(receive_config()) if has_shared_store() else compose_config(args)
         cfg = to_train_config(composed)
-        plan = preflight(cfg, check_data=rank == 0)  # only the driver reads data
+        plan = stage_plan(cfg)
         check_world_size(plan, world_size)
-    except Exception as error:  # configuration errors: one line, on every rank, then a clean exit
-        print(f"pipetrain [rank {rank}]: configuration error: {error}", file=sys.stderr, flush=True)
+        if rank == 0 and lock is None and not os.environ.get(LOCK_HELD_ENV):
+            lock = RunLock(cfg.run_dir).acquire()
+    except ValueError as error:  # configuration errors: one line, then a clean exit
+        print(f"pipetrain [rank {rank}]: configuration error: {error}", flush=True)
+        return 2
+    except ConfigRefused:  # rank 0 refused the configuration and said why
         return 2
     if rank > 0:
         return serve_stage(cfg, plan, rank, local_rank, world_size)
-    run_dir = Path(cfg.run_dir or Path("runs") / time.strftime("%Y-%m-%d/%H-%M-%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    composed.run_dir = str(run_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(composed, resolve=True))
-    return drive(cfg, plan, world_size, run_dir)
+    with lock or nullcontext():
+        return drive(cfg, plan, world_size, Path(cfg.run_dir))
+
+
+def _compose_and_write(overrides: list[str]):
+    """Rank 0 of a hand-launched run: compose and check once, claim the run directory, share the config."""
+    shared = has_shared_store()
+    try:
+        composed = compose_config(overrides)
+        cfg = to_train_config(composed)
+        preflight(cfg)
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir()
+        check_writable(run_dir)
+        lock = RunLock(run_dir).acquire()
+        check_run_dir_checkpoints(run_dir, resume_step(cfg), cfg.checkpoint.resume)
+    except ValueError as error:
+        if shared:
+            publish_config(error=str(error))
+        raise
+    path = write_run_config(run_dir.resolve(), composed)
+    if shared:
+        publish_config(path.read_text())
+    return load_run_config(path), lock
+
+
+def _handle_signals(is_driver: bool) -> None:
+    """Ctrl-C is the driver's to handle: it finishes the step and saves; stage workers ignore it."""
+    if not is_driver:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return
+    signal.signal(signal.SIGINT, _on_interrupt)
+    signal.signal(signal.SIGTERM, lambda signum, frame: request_stop())
+
+
+def _on_interrupt(signum: int, frame: object) -> None:
+    if request_interrupt():
+        print("pipetrain: interrupted again: stopping at once", flush=True)
+        os._exit(130)
+    print(
+        "pipetrain: interrupted: finishing the current step, then saving a checkpoint "
+        "(interrupt again to stop at once)",
+        flush=True,
+    )
 
 
 def _stay_on_loopback() -> None:

@@ -60,6 +60,7 @@ STEP_TAGS = [
     "train/loss",
     "perf/samples_per_sec",
     "perf/step_time_s",
+    "perf/data_time_s",
     "pipeline/bubble_fraction",
     "pipeline/bubble_fraction_predicted",
     "pipeline/bubble_fraction_predicted_measured_costs",

@@ -1,4 +1,4 @@
-"""Every config under conf/ composes and passes pre-flight; every refusal names its key and the fix."""
+"""Every config in pipetrain/conf/ composes and passes pre-flight; every refusal names its key and the fix."""
 
 from __future__ import annotations
 
@@ -212,5 +212,8 @@ def test_mismatched_config_groups_say_how_to_fix():
         to_train_config(compose_config(["model=gpt"]))
 
 
-def test_conf_dir_is_the_repository_conf():
-    assert CONF_DIR == Path(__file__).resolve().parent.parent / "conf"
+def test_conf_dir_is_inside_the_package():
+    assert CONF_DIR == Path(__file__).resolve().parent.parent / "pipetrain" / "conf"
+    assert (CONF_DIR / "train.yaml").is_file()
+    assert not (CONF_DIR.parent.parent / "conf").exists(), "configs live in pipetrain/conf/ only"
+

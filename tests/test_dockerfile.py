@@ -1,4 +1,4 @@
-"""The Dockerfile builds on a CUDA PyTorch image, installs this package and runs the train entry point."""
+"""The Dockerfile builds on a CUDA PyTorch image, installs this package (not editable) and runs it."""
 
 from __future__ import annotations
 
@@ -28,10 +28,21 @@ def test_dockerfile_uses_a_cuda_pytorch_base_that_fits_the_torch_range():
 def test_dockerfile_installs_the_package_with_its_configs():
     ops = instructions()
     copied = " ".join(arg for op, arg in ops if op == "COPY")
-    for path in ("pyproject.toml", "pipetrain", "conf"):
+    for path in ("pyproject.toml", "README.md", "pipetrain"):
         assert path in copied
-    runs = " ".join(arg for op, arg in ops if op == "RUN")
-    assert re.search(r"pip install .*-e \.", runs)
+    assert (ROOT / "pipetrain" / "conf" / "train.yaml").is_file(), "the configs travel inside the package"
+    installs = [arg for op, arg in ops if op == "RUN" and "pip install" in arg]
+    assert len(installs) == 1, installs
+    assert not re.search(r"(^|\s)(-e|--editable)(\s|$)", installs[0]), "install it as a regular package"
+
+
+def test_dockerfile_runs_the_installed_package_not_the_sources():
+    ops = instructions()
+    workdirs = [arg for op, arg in ops if op == "WORKDIR"]
+    source_dir = next(arg for op, arg in ops if op == "WORKDIR")
+    install = next(arg for op, arg in ops if op == "RUN" and "pip install" in arg)
+    assert f"rm -rf {source_dir}" in install, "the sources must not shadow the installed package"
+    assert workdirs[-1] != source_dir
 
 
 def test_dockerfile_entry_point_is_the_train_command():

@@ -73,7 +73,10 @@ def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, stage_idx, pha
     assert result.returncode != 0
     assert stopped_after < 10, f"took {stopped_after:.1f} s to stop"
     what = {"forward": r"action \dF\d+", "backward": r"action \dB\d+", "step": "optimizer step"}[phase]
-    pattern = rf"run stopped: stage {stage_idx} \(rank {rank}\) failed during ({what}).*lost the connection"
+    pattern = (
+        rf"run stopped in step \d+: stage {stage_idx} \(rank {rank}\) failed during ({what})"
+        ".*lost the connection"
+    )
     assert re.search(pattern, result.output), _driver_lines(result.output)
 
 
@@ -109,7 +112,9 @@ def test_nan_loss_stops_the_run(tmp_path):
     result = run.finish(timeout=90)
     assert result.returncode != 0
     assert re.search(
-        r"stage 2 \(rank 3\) failed during action 2F\d+: FloatingPointError: .*is (nan|inf)", result.output
+        r"run stopped in step \d+: stage 2 \(rank 3\) failed during action 2F\d+: "
+        r"FloatingPointError: .*is (nan|inf)",
+        result.output,
     )
 
 

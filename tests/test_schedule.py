@@ -108,9 +108,12 @@ def test_simulate_non_uniform_costs():
     timeline = simulate(one_f_one_b(2, 3), costs)
     # Worked by hand: 0B0 waits for 1B0 (ends 4), 0B2 waits for 1B2 (ends 11).
     assert render_timeline(timeline) == _picture("""
-        stage 0: 0F0@0-1 0F1@1-2 0B0@4-7 0F2@7-8 0B1@8-11 0B2@11-14
-        stage 1: 1F0@1-3 1B0@3-4 1F1@4-6 1B1@6-7 1F2@8-10 1B2@10-11
+        stage 0: 0F0 0F1 .   .   0B0-------- 0F2 0B1-------- 0B2--------
+        stage 1: .   1F0---- 1B0 1F1---- 1B1 .   1F2---- 1B2 .   .   .
+        (one column = 1 time unit)
     """)
+    times = " ".join(f"{t.action}@{t.start:g}-{t.end:g}" for t in timeline.entries[0])
+    assert times == "0F0@0-1 0F1@1-2 0B0@4-7 0F2@7-8 0B1@8-11 0B2@11-14"
     assert timeline.makespan == 14
     assert (timeline.busy(0), timeline.idle(0)) == (12, 2)
     assert (timeline.busy(1), timeline.idle(1)) == (9, 5)
@@ -118,9 +121,82 @@ def test_simulate_non_uniform_costs():
     assert [(t.start, t.end) for t in timeline.entries[1]][:2] == [(1, 3), (3, 4)]
 
 
-def test_render_fractional_times():
-    timeline = simulate(gpipe(1, 2), StageCosts((0.5,), (1.25,)))
-    assert render_timeline(timeline) == "stage 0: 0F0@0-0.5 0F1@0.5-1 0B0@1-2.25 0B1@2.25-3.5"
+# Scaled grids: an action spans as many columns as it lasts; the last line says what a column is.
+GOLDEN_SCALED = {
+    # --forward-costs 1,2 --backward-costs 2,4: stage 1 is twice as slow, backward twice the forward.
+    ("1f1b", 2, 3, (1, 2), (2, 4)): """
+        stage 0: 0F0 0F1 .   .   .   .   .   0B0---- 0F2 .   .   .   0B1---- .   .   .   .   0B2----
+        stage 1: .   1F0---- 1B0------------ 1F1---- 1B1------------ 1F2---- 1B2------------ .   .
+        (one column = 1 time unit)
+    """,
+    ("gpipe", 2, 2, (1, 2), (2, 4)): """
+        stage 0: 0F0 0F1 .   .   .   .   .   .   .   0B0---- .   .   0B1----
+        stage 1: .   1F0---- 1F1---- 1B0------------ 1B1------------ .   .
+        (one column = 1 time unit)
+    """,
+    # Uniform costs of 2: the unit picture, with the column's length said.
+    ("1f1b", 2, 3, (2, 2), (2, 2)): """
+        stage 0: 0F0 0F1 .   0B0 0F2 0B1 .   0B2
+        stage 1: .   1F0 1B0 1F1 1B1 1F2 1B2 .
+        (one column = 2 time units)
+    """,
+    # Fractional times: one column is the longest step every start and end is a multiple of.
+    ("gpipe", 1, 2, (0.5,), (1.25,)): """
+        stage 0: 0F0---- 0F1---- 0B0---------------- 0B1----------------
+        (one column = 0.25 time units)
+    """,
+    # 0.1 + 0.2 is not exactly 0.3 in floating point; the grid still is exact.
+    ("1f1b", 2, 2, (0.1, 0.1), (0.2, 0.2)): """
+        stage 0: 0F0 0F1 .   .   0B0---- .   0B1----
+        stage 1: .   1F0 1B0---- 1F1 1B1---- .   .
+        (one column = 0.1 time units)
+    """,
+    # An exact grid would need 137 columns for 1.37: one column is the shortest action, times rounded.
+    ("1f1b", 2, 2, (1, 1.37), (2, 2.5)): """
+        stage 0: 0F0 0F1 .   .   .   0B0---- .   .   0B1----
+        stage 1: .   1F0 1B0-------- 1F1 1B1-------- .   .
+        (one column = 1 time unit; starts and ends rounded to the nearest column)
+    """,
+}
+
+
+@pytest.mark.parametrize("key", list(GOLDEN_SCALED), ids=lambda k: f"{k[0]}-{k[1]}x{k[2]}-{k[3]}-{k[4]}")
+def test_golden_scaled_timeline(key):
+    name, stages, mbs, forward, backward = key
+    timeline = simulate(build_schedule(name, stages, mbs), StageCosts(forward, backward))
+    assert render_timeline(timeline) == _picture(GOLDEN_SCALED[key])
+
+
+@pytest.mark.parametrize(
+    "costs,num_microbatches",
+    [
+        (StageCosts((1, 2), (2, 4)), 5),
+        (StageCosts((1, 3), (2, 1)), 5),
+        (StageCosts((0.5, 0.75), (1, 1.5)), 5),
+        (StageCosts((1, 1), (2, 2)), 12),  # two-digit micro-batches: wider columns
+    ],
+)
+def test_scaled_grid_draws_the_simulated_times(costs, num_microbatches):
+    """Each action's cell starts at column start / quantum and spans (end - start) / quantum columns,
+    its label followed by ``-`` (or by spaces when it spans one column)."""
+    timeline = simulate(one_f_one_b(2, num_microbatches), costs)
+    *rows, legend = render_timeline(timeline).splitlines()
+    quantum = float(legend.removeprefix("(one column = ").split()[0])
+    width = len(str(Action(1, B, num_microbatches - 1))) + 1
+    for stage_idx, row in enumerate(rows):
+        cells = row.split(": ", 1)[1].ljust(width * round(timeline.makespan / quantum))
+        for t in timeline.entries[stage_idx]:
+            column = round(t.start / quantum)
+            span = round((t.end - t.start) / quantum)
+            cell = cells[width * column : width * (column + span) - 1]
+            label = str(t.action)
+            fill = "-" if span > 1 else " "
+            assert cell == label + fill * (len(cell) - len(label)), (t, cell)
+
+
+def test_render_zero_duration_actions_as_a_list():
+    timeline = simulate(gpipe(1, 2), StageCosts((0.0,), (1.0,)))
+    assert render_timeline(timeline) == "stage 0: 0F0@0-0 0F1@0-0 0B0@0-1 0B1@1-2"
 
 
 def test_stage_costs_validation():
@@ -215,8 +291,32 @@ def test_csv_round_trip(tmp_path):
     path = tmp_path / "schedule.csv"
     schedule = one_f_one_b(3, 4)
     save_schedule_csv(schedule, path)
-    assert path.read_text().splitlines()[0] == "0,0F0,0F1,0F2,0B0,0F3,0B1,0B2,0B3"
+    assert path.read_text().splitlines()[:2] == [
+        "stage,action_0,action_1,action_2,action_3,action_4,action_5,action_6,action_7",
+        "0,0F0,0F1,0F2,0B0,0F3,0B1,0B2,0B3",
+    ]
     assert load_schedule_csv(path) == schedule
+
+
+def test_csv_header_labels_the_longest_row(tmp_path):
+    path = tmp_path / "schedule.csv"
+    save_schedule_csv({0: _acts("0F0 0B0"), 1: _acts("1F0 1B0 1F1 1B1")}, path)
+    assert path.read_text() == "stage,action_0,action_1,action_2,action_3\n0,0F0,0B0\n1,1F0,1B0,1F1,1B1\n"
+
+
+def test_csv_without_header_still_loads(tmp_path):
+    """Files written before the header existed: every row is a stage."""
+    path = tmp_path / "old.csv"
+    path.write_text("0,0F0,0F1,0B0,0B1\n1,1F0,1B0,1F1,1B1\n")
+    assert load_schedule_csv(path) == one_f_one_b(2, 2)
+
+
+def test_csv_from_a_spreadsheet_loads(tmp_path):
+    """A byte-order mark, the header in another case, rows padded with empty cells, blank lines."""
+    path = tmp_path / "edited.csv"
+    text = "\ufeff\nStage,action_0,action_1,action_2,action_3\n0,0F0,0B0,,\n\n1,1F0,1B0,,\n"
+    path.write_text(text, encoding="utf-8")
+    assert load_schedule_csv(path) == one_f_one_b(2, 1)
 
 
 @pytest.mark.parametrize(
@@ -224,8 +324,9 @@ def test_csv_round_trip(tmp_path):
     [
         ("0,0F0,0B0\n1,1F0,0B0\n", r"row 2 is stage 1 but holds action 0B0 of stage 0"),
         ("0,0F0,0X0\n", r"row 1 \(stage 0\): invalid action text '0X0'"),
-        ("a,0F0\n", r"row 1: first cell must be a stage index"),
+        ("a,0F0\n", r"row 1: first cell must be a stage index \(or 'stage' in the header row\), got 'a'"),
         ("0,0F0\n0,0B0\n", r"row 2: stage 0 appears more than once"),
+        ("stage,action_0\n0,0F0\nstage,action_0\n", r"row 3: first cell must be a stage index"),
     ],
 )
 def test_csv_rejects_bad_rows(tmp_path, content, match):
@@ -268,7 +369,14 @@ def test_cli_costs_and_csv(tmp_path):
         str(out),
     )
     assert result.returncode == 0, result.stderr
-    assert "predicted bubble fraction: 0.333\n" in result.stdout
+    expected = _picture("""
+        stage 0: 0F0 0F1 .   .   .   0B0---- 0B1----
+        stage 1: .   1F0 1F1 1B0---- 1B1---- .   .
+        (one column = 1 time unit)
+        predicted bubble fraction: 0.333
+    """)
+    assert expected in result.stdout
+    assert out.read_text().startswith("stage,action_0,action_1,action_2,action_3\n0,0F0,0F1,0B0,0B1\n")
     assert load_schedule_csv(out) == gpipe(2, 2)
 
 

@@ -100,5 +100,6 @@ def test_in_process_failure_names_stage_and_action():
     cfg.data["num_classes"] = 20  # targets the 5-class model cannot score
     _, stages = build_stages(cfg)
     inputs, targets = BatchOrder(build_dataset(cfg), cfg.train.batch_size, 0).batch(0)
-    with pytest.raises(StageFailure, match=r"stage 1 \(in-process\) failed during action 1F\d: ValueError: train.loss=cross_entropy: label"):
+    failure = r"stage 1 \(in-process\) failed during action 1F\d: ValueError: train.loss=cross_entropy: label"
+    with pytest.raises(StageFailure, match=failure):
         run_step([LocalStageHandle(s) for s in stages], build_schedule_for(cfg, 2), inputs, targets, 4)

@@ -8,9 +8,13 @@ unchanged, so state dicts are interchangeable with torchvision's.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from torchvision import models as tvm
+
+if TYPE_CHECKING:
+    from torchvision import models as tvm
 
 __all__ = ["UnitResNet", "resnet18", "resnet50"]
 
@@ -40,9 +44,13 @@ class UnitResNet(nn.Module):
 
 def resnet18(num_classes: int = 10) -> nn.Module:
     """Build a randomly initialised ResNet-18 (torchvision, ``weights=None``) as a :class:`UnitResNet`."""
-    return UnitResNet(tvm.resnet18(weights=None, num_classes=num_classes))
+    from torchvision.models import resnet18 as torchvision_resnet18  # 1.5 s to import: only when used
+
+    return UnitResNet(torchvision_resnet18(weights=None, num_classes=num_classes))
 
 
 def resnet50(num_classes: int = 10) -> nn.Module:
     """Build a randomly initialised ResNet-50 (torchvision, ``weights=None``) as a :class:`UnitResNet`."""
-    return UnitResNet(tvm.resnet50(weights=None, num_classes=num_classes))
+    from torchvision.models import resnet50 as torchvision_resnet50
+
+    return UnitResNet(torchvision_resnet50(weights=None, num_classes=num_classes))

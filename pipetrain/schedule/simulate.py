@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from pipetrain.schedule.actions import Action, ActionKind, Schedule
 from pipetrain.schedule.order import dependencies, execution_order
@@ -12,6 +13,8 @@ from pipetrain.schedule.validate import validate_schedule
 __all__ = ["StageCosts", "TimedAction", "Timeline", "render_timeline", "simulate"]
 
 _EPS = 1e-9
+_MAX_DENOMINATOR = 1000
+_MAX_COLUMNS_PER_ACTION = 4
 
 
 @dataclass(frozen=True)
@@ -128,33 +131,106 @@ def simulate(schedule: Schedule, costs: StageCosts | None = None) -> Timeline:
     return Timeline(num_stages, num_microbatches, entries)
 
 
-def _is_unit_grid(timeline: Timeline) -> bool:
+def _fraction(value: float) -> Fraction:
+    """``value`` as a fraction with a small denominator (``0.1 + 0.2`` -> ``3/10``)."""
+    return Fraction(value).limit_denominator(_MAX_DENOMINATOR)
+
+
+def _exact_quantum(times: list[float]) -> float | None:
+    """The longest time step that every one of ``times`` is a whole multiple of, or ``None``."""
+    fractions = [_fraction(t) for t in times]
+    if any(abs(float(f) - t) > _EPS for f, t in zip(fractions, times, strict=True)):
+        return None
+    positive = [f for f in fractions if f > 0]
+    if not positive:
+        return None
+    denominator = math.lcm(*(f.denominator for f in positive))
+    numerator = math.gcd(*(f.numerator * (denominator // f.denominator) for f in positive))
+    return numerator / denominator
+
+
+def _column_width(timeline: Timeline) -> tuple[float, bool]:
+    """The time one grid column stands for, and whether every start and end falls on a column edge.
+
+    One column is the longest time step all starts and ends are multiples of, as long as the shortest
+    action spans at most ``_MAX_COLUMNS_PER_ACTION`` columns; otherwise one column is the shortest
+    action's duration and times are rounded to the nearest column.
+    """
     timed = [t for row in timeline.entries.values() for t in row]
-    return all(abs(t.start - round(t.start)) < _EPS and abs(t.end - t.start - 1.0) < _EPS for t in timed)
+    shortest = min(t.end - t.start for t in timed)
+    quantum = _exact_quantum([x for t in timed for x in (t.start, t.end)])
+    if quantum is not None and shortest / quantum <= _MAX_COLUMNS_PER_ACTION + _EPS:
+        return quantum, True
+    return shortest, False
+
+
+def _column(time: float, quantum: float) -> int:
+    """The grid column edge nearest to ``time`` (halves round up)."""
+    return math.floor(time / quantum + 0.5)
+
+
+def _grid_row(row: list[TimedAction], quantum: float, num_columns: int, width: int) -> str:
+    """One stage's line of the grid: an action's label, followed by ``-`` over the further columns it
+    spans; ``.`` marks an idle column."""
+    cells = [".".ljust(width)] * num_columns
+    for t in row:
+        first, last = _column(t.start, quantum), _column(t.end, quantum)
+        span = (last - first) * (width + 1) - 1
+        label = str(t.action)
+        cells[first] = label.ljust(span, "-") if last - first > 1 else label.ljust(width)
+        for k in range(first + 1, last):
+            cells[k] = ""
+    return " ".join(c for c in cells if c)
+
+
+def _scale_note(quantum: float, exact: bool) -> str:
+    """The legend under a scaled grid: what one column stands for."""
+    unit = "time unit" if quantum == 1 else "time units"
+    note = f"(one column = {quantum:.3g} {unit}"
+    return note + (")" if exact else "; starts and ends rounded to the nearest column)")
+
+
+def _render_list(timeline: Timeline, label_width: int) -> list[str]:
+    """Each stage's actions as ``action@start-end`` (for timelines with zero-duration actions)."""
+    lines = []
+    for s in range(timeline.num_stages):
+        items = [f"{t.action}@{t.start:.3g}-{t.end:.3g}" for t in timeline.entries[s]]
+        lines.append(f"stage {s:>{label_width}}: " + " ".join(items))
+    return lines
 
 
 def render_timeline(timeline: Timeline) -> str:
-    """Render ``timeline`` as text, one line per stage.
+    """Render ``timeline`` as a grid, one line per stage, one column per time step.
 
-    Under unit costs this is a grid with one column per time unit (``.`` marks idle slots)::
+    Under unit costs each action fills one column (``.`` marks idle columns)::
 
         stage 0: 0F0 0F1 .   0B0 0F2 0B1 0F3 0B2 .   0B3
         stage 1: .   1F0 1B0 1F1 1B1 1F2 1B2 1F3 1B3 .
 
-    Otherwise each stage lists its actions as ``action@start-end``.
+    Under other costs an action spans as many columns as it lasts, its cell filled with ``-``, and a
+    last line says what one column stands for (GPipe, 2 stages, 2 micro-batches, forward costs 1 and 2,
+    backward costs 2 and 4)::
+
+        stage 0: 0F0 0F1 .   .   .   .   .   .   .   0B0---- .   .   0B1----
+        stage 1: .   1F0---- 1F1---- 1B0------------ 1B1------------ .   .
+        (one column = 1 time unit)
+
+    One column is the longest time step that all starts and ends are multiples of; when that would
+    make the shortest action wider than 4 columns (e.g. costs 1 and 1.37), one column is the shortest
+    action's duration and the grid is rounded to it, as the legend says. A timeline with an action of
+    zero duration lists each stage's actions as ``action@start-end`` instead.
     """
     label_width = len(str(timeline.num_stages - 1))
-    lines = []
-    if _is_unit_grid(timeline):
-        width = max((len(str(t.action)) for row in timeline.entries.values() for t in row), default=1)
-        num_slots = round(timeline.makespan)
-        for s in range(timeline.num_stages):
-            cells = ["."] * num_slots
-            for t in timeline.entries[s]:
-                cells[round(t.start)] = str(t.action)
-            lines.append(f"stage {s:>{label_width}}: " + " ".join(c.ljust(width) for c in cells))
-    else:
-        for s in range(timeline.num_stages):
-            items = [f"{t.action}@{t.start:.3g}-{t.end:.3g}" for t in timeline.entries[s]]
-            lines.append(f"stage {s:>{label_width}}: " + " ".join(items))
+    timed = [t for row in timeline.entries.values() for t in row]
+    if any(t.end - t.start <= _EPS for t in timed):
+        return "\n".join(line.rstrip() for line in _render_list(timeline, label_width))
+    quantum, exact = _column_width(timeline) if timed else (1.0, True)
+    width = max((len(str(t.action)) for t in timed), default=1)
+    num_columns = _column(timeline.makespan, quantum)
+    lines = [
+        f"stage {s:>{label_width}}: " + _grid_row(timeline.entries[s], quantum, num_columns, width)
+        for s in range(timeline.num_stages)
+    ]
+    if not (exact and quantum == 1 and all(abs(t.end - t.start - 1) < _EPS for t in timed)):
+        lines.append(_scale_note(quantum, exact))
     return "\n".join(line.rstrip() for line in lines)

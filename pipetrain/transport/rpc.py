@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -374,7 +375,12 @@ def init_rpc(name: str, rank: int, world_size: int, settings: RpcConfig) -> None
         _transports=list(settings.transports) if settings.transports else None,
         _channels=list(settings.channels) if settings.channels else None,
     )
-    rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
+    with warnings.catch_warnings():
+        # torch's TensorPipe backend gathers the workers' device maps by passing its own
+        # ProcessGroupGloo to all_gather_object, which warns about that (deprecated) use on every rank;
+        # nothing a caller can change, so only that warning is silenced, only here.
+        warnings.filterwarnings("ignore", message="You are using a Backend .* as a ProcessGroup")
+        rpc.init_rpc(name, rank=rank, world_size=world_size, rpc_backend_options=options)
 
 
 def shutdown_rpc(graceful: bool = True) -> None:

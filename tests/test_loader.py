@@ -1,0 +1,80 @@
+"""The driver's data loading: the same batches as before, in loader processes, timed as part of the step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_config
+
+from pipetrain.build import build_dataset, build_stages
+from pipetrain.config import LoaderConfig
+from pipetrain.data import BatchOrder
+from pipetrain.driver import Driver
+from pipetrain.loader import DataError, step_batches
+from pipetrain.transport import LocalStageHandle
+
+pytestmark = pytest.mark.timeout(120)
+
+DELAY_S = 0.004
+BATCH = 16
+
+
+def slow_config(steps: int = 4, num_workers: int = 0, broken: int = -1):
+    cfg = make_config("mlp", 2, steps=steps, batch_size=BATCH)
+    cfg.data = {
+        "_target_": "data_parts.slow_dataset",
+        "num_samples": 128,
+        "in_features": 8,
+        "num_classes": 5,
+        "delay_s": DELAY_S,
+        "broken": broken,
+    }
+    cfg.loader = LoaderConfig(num_workers=num_workers, prefetch_factor=2)
+    return cfg
+
+
+def train(cfg, run_dir):
+    plan, stages = build_stages(cfg)
+    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
+    driver = Driver(
+        cfg, [LocalStageHandle(s) for s in stages], plan, batches, run_dir, print_fn=lambda _: None
+    )
+    return driver.train()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_gives_the_batch_order_of_every_step(num_workers):
+    cfg = slow_config(num_workers=num_workers)
+    batches = BatchOrder(build_dataset(cfg), BATCH, seed=3)
+    loaded = list(step_batches(batches, 2, 9, LoaderConfig(num_workers=num_workers)))
+    assert len(loaded) == 7
+    for step, (inputs, targets) in enumerate(loaded, start=2):
+        expected_inputs, expected_targets = batches.batch(step)
+        assert torch.equal(inputs, expected_inputs) and torch.equal(targets, expected_targets)
+
+
+def test_throughput_counts_the_time_spent_loading(tmp_path):
+    """A dataset that needs ``DELAY_S`` per sample cannot be trained faster than it is read."""
+    train(slow_config(num_workers=0), tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    load_s = BATCH * DELAY_S
+    for entry in logged:
+        assert entry["perf/data_time_s"] >= 0.9 * load_s, entry
+        assert entry["perf/step_time_s"] >= entry["perf/data_time_s"]
+        assert entry["perf/samples_per_sec"] <= BATCH / load_s, entry
+
+
+def test_a_broken_sample_is_named_with_its_step(tmp_path):
+    cfg = slow_config(num_workers=2, broken=40)
+    order = BatchOrder(build_dataset(cfg), BATCH, cfg.seed)
+    step = next(s for s in range(8) if 40 in order.indices(s).tolist())
+    with pytest.raises(DataError) as raised:
+        train(cfg, tmp_path)
+    failure = raised.value
+    assert failure.step == step + 1
+    assert failure.summary == (
+        f"data: sample 40 (batch of step {step + 1}) failed to load: ValueError: cannot decode record 40"
+    )
+    assert "data_parts.py" in failure.details
