@@ -16,8 +16,17 @@ from torch import nn
 
 
 def slow_model_overrides(delay_s: float) -> list[str]:
-    """The Hydra overrides that train :func:`slow_mlp` with units that sleep ``delay_s`` per pass."""
-    return ["model._target_=slow_parts.slow_mlp", f"+model.delay_s={delay_s}"]
+    """The Hydra overrides that train :func:`slow_mlp` with units that sleep ``delay_s`` per pass.
+
+    ``in_features`` and ``num_classes`` are given (``++``: the default model has them too), so the
+    default synthetic data, which takes them from the model, fits.
+    """
+    return [
+        "model._target_=slow_parts.slow_mlp",
+        f"+model.delay_s={delay_s}",
+        "++model.in_features=32",
+        "++model.num_classes=10",
+    ]
 
 
 def _mark(phase: str) -> None:

@@ -170,6 +170,8 @@ def test_train_refuses_a_model_that_does_not_compose_before_any_process_starts(t
         "pipetrain.train",
         f"hydra.run.dir={tmp_path}",
         "model._target_=composition_parts.make_residual_model",
+        "++model.in_features=32",
+        "++model.num_classes=10",
         "pipeline.balance=[2,1]",
     ]
     result = run_command(args, timeout=100, cwd=tmp_path, env=env)
