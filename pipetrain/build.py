@@ -8,6 +8,7 @@ only its own stage, so all stages start from exactly the weights the unsplit mod
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -23,21 +24,35 @@ from pipetrain.partition import StageModule, StagePlan, partition, plan_stages
 from pipetrain.schedule import Schedule, build_schedule
 from pipetrain.stage import Stage
 from pipetrain.targets import call_target
+from pipetrain.topology import Topology
 
 __all__ = [
     "MODEL_SPEC_EXTRAS",
+    "instantiate_model",
     "build_model",
     "build_plan",
     "build_schedule_for",
     "build_dataset",
-    "stage_device",
     "build_stage",
     "build_stages",
+    "build_worker_stages",
     "resume_step",
 ]
 
 MODEL_SPEC_EXTRAS = ("init",)
 """Keys of the ``model`` spec that pipetrain reads itself instead of passing to the builder."""
+
+
+def instantiate_model(cfg: TrainConfig) -> nn.Module:
+    """The model as ``model._target_`` builds it from ``cfg.seed`` (under ``torch.device("meta")``: shapes
+    only), checked to be an ``nn.Module``; nothing loaded or converted yet."""
+    torch.manual_seed(cfg.seed)
+    model = call_target(cfg.model, "model", skip=MODEL_SPEC_EXTRAS)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"model._target_: {cfg.model['_target_']} returned {type(model).__name__}, not an nn.Module"
+        )
+    return model
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -46,12 +61,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
     With ``pipeline.deferred_batchnorm`` its BatchNorm layers are then converted (keeping the loaded
     values: the model loads ``model.init`` as the user built it, and names do not change).
     """
-    torch.manual_seed(cfg.seed)
-    model = call_target(cfg.model, "model", skip=MODEL_SPEC_EXTRAS)
-    if not isinstance(model, nn.Module):
-        raise ValueError(
-            f"model._target_: {cfg.model['_target_']} returned {type(model).__name__}, not an nn.Module"
-        )
+    model = instantiate_model(cfg)
     init_path = cfg.model.get("init")
     if init_path:
         state = torch.load(init_path, map_location="cpu", weights_only=True)
@@ -68,21 +78,15 @@ def build_plan(cfg: TrainConfig, model: nn.Module) -> StagePlan:
 
 
 def build_schedule_for(cfg: TrainConfig, num_stages: int) -> Schedule:
-    """The schedule named by ``schedule.name`` for this run."""
-    return build_schedule(cfg.schedule.name, num_stages, cfg.pipeline.num_microbatches)
+    """The schedule named by ``schedule.name`` for this run (it places the stages on workers)."""
+    return build_schedule(
+        cfg.schedule.name, num_stages, cfg.pipeline.num_microbatches, cfg.pipeline.stages_per_worker
+    )
 
 
 def build_dataset(cfg: TrainConfig) -> Dataset:
     """The training dataset named by ``data``."""
     return call_target(cfg.data, "data")
-
-
-def stage_device(cfg: TrainConfig, stage_idx: int, local_rank: int | None = None) -> torch.device:
-    """Where stage ``stage_idx`` runs: its own GPU (``local_rank - 1`` on its node) or the CPU."""
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    gpu_idx = (stage_idx if local_rank is None else local_rank - 1) % torch.cuda.device_count()
-    return torch.device("cuda", gpu_idx)
 
 
 def build_stage(
@@ -131,19 +135,46 @@ def _commit_batchnorm_on_step(stage: Stage) -> None:
 def build_stages(
     cfg: TrainConfig, devices: Sequence[torch.device] | None = None
 ) -> tuple[StagePlan, list[Stage]]:
-    """The plan and all its stages in this process (the in-process pipeline), resumed if configured."""
+    """The plan and all its stages in this process (the in-process pipeline), resumed if configured.
+
+    Stage ``k`` goes to ``devices[k]``, by default to the device of the worker the schedule places it on.
+    """
     model = build_model(cfg)
     plan = build_plan(cfg, model)
-    devices = devices or [stage_device(cfg, idx) for idx in range(plan.num_stages)]
-    modules = partition(model, plan)
+    if devices is None:
+        topology = Topology.of(build_schedule_for(cfg, plan.num_stages))
+        devices = [topology.device(cfg.device, topology.worker_of(idx)) for idx in range(plan.num_stages)]
     stages = [
-        build_stage(cfg, module, idx, plan.num_stages, devices[idx]) for idx, module in enumerate(modules)
+        build_stage(cfg, module, idx, plan.num_stages, devices[idx])
+        for idx, module in enumerate(partition(model, plan))
     ]
+    _resume(cfg, stages)
+    return plan, stages
+
+
+def build_worker_stages(cfg: TrainConfig, plan: StagePlan, worker_idx: int) -> dict[int, Stage]:
+    """The stages worker ``worker_idx`` hosts (stage index -> stage), on its device, resumed if configured.
+
+    Runs in the worker's process: every worker builds the same full model from the same seed and keeps
+    only its own stages.
+    """
+    topology = Topology.of(build_schedule_for(cfg, plan.num_stages))
+    local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
+    device = topology.device(cfg.device, worker_idx, local_rank)
+    modules = partition(build_model(cfg), plan)
+    stages = {
+        idx: build_stage(cfg, modules[idx], idx, plan.num_stages, device)
+        for idx in topology.stages_of(worker_idx)
+    }
+    _resume(cfg, list(stages.values()))
+    return stages
+
+
+def _resume(cfg: TrainConfig, stages: Sequence[Stage]) -> None:
     if cfg.checkpoint.resume:
         saved = load_checkpoint(find_checkpoint(cfg.checkpoint.resume))
         for stage in stages:
             restore_stage(stage, saved)
-    return plan, stages
 
 
 def resume_step(cfg: TrainConfig) -> int:

@@ -37,6 +37,9 @@ class PipelineConfig:
     """How many consecutive units each stage takes, e.g. ``[3, 3]``. Exactly one of stages / balance."""
     num_microbatches: int = 4
     """Micro-batches per batch; ``train.batch_size`` must be divisible by it."""
+    stages_per_worker: int = 1
+    """Stages each worker process hosts (``v``); more than 1 for schedules that interleave stages on a
+    worker (``interleaved_1f1b``: stage ``s`` on worker ``s mod (stages / v)``)."""
     deferred_batchnorm: bool = False
     """Replace BatchNorm layers by ones that gather their running statistics over the whole batch and
     update them once per step (normalisation still uses each micro-batch's own statistics)."""
@@ -47,7 +50,8 @@ class ScheduleConfig:
     """Which pipeline schedule orders the forward and backward actions."""
 
     name: str = "gpipe"
-    """A name known to :func:`pipetrain.schedule.build_schedule`: ``gpipe`` or ``1f1b``."""
+    """A name known to :func:`pipetrain.schedule.build_schedule`: ``gpipe``, ``1f1b`` or
+    ``interleaved_1f1b``."""
 
 
 @dataclass(kw_only=True)

@@ -1,6 +1,6 @@
 """The driver: data -> micro-batches -> executor -> optimizer steps -> metrics.
 
-It works on :class:`~pipetrain.transport.handle.StageHandle`s, so the same loop drives stages in this
+It works on :class:`~pipetrain.transport.handle.WorkerHandle`s, so the same loop drives workers in this
 process (tests, debugging) and stage workers over RPC.
 """
 
@@ -39,7 +39,7 @@ from pipetrain.metrics import MetricsLogger, StepMetrics, format_progress, step_
 from pipetrain.partition import StagePlan
 from pipetrain.schedule import Schedule
 from pipetrain.timings import StageReport
-from pipetrain.transport.handle import StageHandle
+from pipetrain.transport.handle import WorkerHandle
 
 __all__ = ["StepResult", "split_microbatches", "run_step", "Driver"]
 
@@ -78,7 +78,7 @@ def split_microbatches(
 
 
 def run_step(
-    handles: Sequence[StageHandle],
+    handles: Sequence[WorkerHandle],
     schedule: Schedule,
     inputs: torch.Tensor,
     targets: torch.Tensor,
@@ -99,7 +99,7 @@ class Driver:
     def __init__(
         self,
         cfg: TrainConfig,
-        handles: Sequence[StageHandle],
+        handles: Sequence[WorkerHandle],
         plan: StagePlan,
         batches: BatchOrder,
         run_dir: Path | None = None,
@@ -155,7 +155,7 @@ class Driver:
                 last_metrics = self._record(step + 1, result) or last_metrics
                 previous_end = step_end
             if self.logger is not None and last_metrics is not None:
-                self.logger.log_hparams(_hparams(cfg, len(self.handles)), _final_figures(last_metrics))
+                self.logger.log_hparams(_hparams(cfg, self.plan.num_stages), _final_figures(last_metrics))
         finally:
             del batches  # stops the loader's processes
             if self.logger is not None:
@@ -204,7 +204,7 @@ class Driver:
                 self.logger.log_step(metrics)
         trace_due = cfg.log.trace_every and steps_done % cfg.log.trace_every == 0
         if self.logger is not None and (trace_due or is_last):
-            self.logger.write_trace(steps_done, result.reports)
+            self.logger.write_trace(steps_done, result.reports, self.schedule.placement)
         checkpoint_due = cfg.checkpoint.every and steps_done % cfg.checkpoint.every == 0
         if self.run_dir is not None and (checkpoint_due or (is_last and cfg.checkpoint.at_end)):
             self.save_checkpoint(steps_done)
@@ -221,12 +221,16 @@ class Driver:
         if directory.exists():
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
-        saves = [(h.label, "checkpoint save", h.call(save_stage, str(directory), step)) for h in self.handles]
-        labels = {h.stage_idx: h.label for h in self.handles}
+        saves = [
+            (h.label, "checkpoint save", h.call_each_stage(save_stage, str(directory), step))
+            for h in self.handles
+        ]
+        worker_labels = {h.worker_idx: h.label for h in self.handles}
+        labels = {idx: worker_labels[self.schedule.worker_of(idx)] for idx in range(self.plan.num_stages)}
         wait_all(saves, self.cfg.rpc.timeout_s, labels, progress=lambda: written_bytes(directory))
         manifest = {
             "step": step,
-            "num_stages": len(self.handles),
+            "num_stages": self.plan.num_stages,
             "stages": [list(names) for names in self.plan.stages],
             "schedule": self.cfg.schedule.name,
             "num_microbatches": self.cfg.pipeline.num_microbatches,
@@ -256,6 +260,7 @@ def _hparams(cfg: TrainConfig, num_stages: int) -> dict[str, Any]:
         "model": str(cfg.model.get("_target_")),
         "schedule": cfg.schedule.name,
         "num_stages": num_stages,
+        "stages_per_worker": cfg.pipeline.stages_per_worker,
         "num_microbatches": cfg.pipeline.num_microbatches,
         "balance": str(list(split)),
         "batch_size": cfg.train.batch_size,

@@ -1,11 +1,9 @@
-"""Run a schedule over stage handles: the only place where action ordering is turned into calls.
+"""Run a schedule over worker handles: the only place where a step's actions are handed out and awaited.
 
-The dependency rules are :mod:`pipetrain.schedule.order`'s, shared with the simulator and validator.
-The executor issues the actions in one of the schedule's feasible execution orders, so an action is
-issued after its stage's previous action and after the action it consumes (its output *reference*
-exists); the stage itself waits for the value. In-process handles run each action on issue, which this
-order makes correct; RPC handles collect a stage's actions and send them with its step request. Each
-stage's optimizer step is requested right after the actions and runs as soon as that stage's own actions
+The dependency rules are :mod:`pipetrain.schedule.order`'s, shared with the simulator, the validator
+and the workers' runner. Each worker gets its actions of the step in schedule order, with stage 0's
+micro-batches and the last stage's targets; the workers pull every other input from each other. Then each
+worker is asked for its optimizer step, which it takes stage by stage as soon as a stage's own actions
 are done, so a stage that finishes early steps while the others drain.
 """
 
@@ -20,9 +18,9 @@ from typing import Any
 import torch
 
 from pipetrain.failures import RunStopped, StageError, StageFailure, stop_requested
-from pipetrain.schedule import Action, ActionKind, Schedule, execution_order, input_dependency
+from pipetrain.schedule import Action, ActionKind, Schedule, dependencies, execution_order
 from pipetrain.timings import StageReport
-from pipetrain.transport.handle import StageHandle
+from pipetrain.transport.handle import WorkerHandle
 
 __all__ = ["ExecutedStep", "StageFailure", "execute", "wait_all"]  # StageFailure re-exported
 
@@ -42,7 +40,7 @@ class ExecutedStep:
 
 def execute(
     schedule: Schedule,
-    handles: Sequence[StageHandle],
+    handles: Sequence[WorkerHandle],
     inputs: Sequence[Any],
     targets: Sequence[Any],
     timeout_s: float | None = None,
@@ -53,52 +51,63 @@ def execute(
     Raises :class:`StageFailure` for the first action or step to fail, or when nothing completes for
     ``timeout_s`` seconds.
     """
-    num_stages = len(handles)
-    order, stuck = execution_order(schedule, num_stages)
+    order, stuck = execution_order(schedule)
     if stuck:
         raise RuntimeError(
             f"schedule cannot make progress; stuck at actions {sorted(map(str, stuck.values()))}"
         )
-    outputs: dict[Action, Any] = {}
-    issued: list[tuple[Action, torch.futures.Future]] = []
-    for action in order:
-        dependency = input_dependency(action, num_stages)
-        is_forward = action.kind == ActionKind.FORWARD
-        if is_forward and action.stage_idx == 0:
-            input_ref = inputs[action.mb_idx]
-        else:
-            input_ref = outputs.pop(dependency) if dependency is not None else None
-        target = targets[action.mb_idx] if is_forward and action.stage_idx == num_stages - 1 else None
-        handed = handles[action.stage_idx].issue(action, input_ref, target)
-        outputs[action] = handed.output
-        issued.append((action, handed.done))
-    actions_done_at = torch.futures.collect_all([done for _, done in issued]).then(lambda _: time.time())
-    steps = [(handle.stage_idx, handle.step()) for handle in handles]
-    labels = {handle.stage_idx: handle.label for handle in handles}
-    # Entry i of the wait: action i, then each stage's optimizer step.
-    entry_stages = [action.stage_idx for action, _ in issued] + [stage_idx for stage_idx, _ in steps]
+    last_stage = schedule.num_stages - 1
+    done: dict[Action, torch.futures.Future] = {}
+    for handle in handles:
+        work = [
+            (
+                action,
+                inputs[action.mb_idx] if _is_forward_of(action, 0) else None,
+                targets[action.mb_idx] if _is_forward_of(action, last_stage) else None,
+            )
+            for action in schedule[handle.worker_idx]
+        ]
+        done.update(zip(schedule[handle.worker_idx], handle.submit(work), strict=True))
+    issued = [(action, done[action]) for action in order]
+    actions_done_at = torch.futures.collect_all([future for _, future in issued]).then(lambda _: time.time())
+    steps = [(handle.worker_idx, handle.optimizer_step()) for handle in handles]
+    worker_labels = {handle.worker_idx: handle.label for handle in handles}
+    labels = {stage: worker_labels[schedule.worker_of(stage)] for stage in range(schedule.num_stages)}
+    # Entry i of the wait: action i of the execution order, then each worker's optimizer step.
+    entry_workers = [schedule.worker_of(action.stage_idx) for action, _ in issued] + [w for w, _ in steps]
 
     def _blame(ok: list[bool], failed_index: int | None) -> int:
-        """The entry to name: what the failed stage was running, or what is stuck."""
-        if failed_index is not None:  # a stage's process is gone: name what it was running
-            stage_idx = entry_stages[failed_index]
-            return next(i for i, stage in enumerate(entry_stages) if stage == stage_idx and not ok[i])
-        # Stuck: a stage's first unfinished action whose input is there (the earliest such), else a step.
+        """The entry to name: what the failed worker was running, or what is stuck."""
+        if failed_index is not None:  # a worker's process is gone: name what it was running
+            worker = entry_workers[failed_index]
+            return next(i for i, entry in enumerate(entry_workers) if entry == worker and not ok[i])
+        # Stuck: a worker's first unfinished action whose inputs are there (the earliest such), else a step.
         finished = {action for (action, _), is_ok in zip(issued, ok[: len(issued)], strict=True) if is_ok}
-        seen_stages: set[int] = set()
+        seen_workers: set[int] = set()
         for index, (action, _) in enumerate(issued):
-            if ok[index] or action.stage_idx in seen_stages:
+            worker = entry_workers[index]
+            if ok[index] or worker in seen_workers:
                 continue
-            seen_stages.add(action.stage_idx)
-            dependency = input_dependency(action, num_stages)
-            if dependency is None or dependency in finished:
+            seen_workers.add(worker)
+            if finished.issuperset(dependencies(action, schedule)):
                 return index
         return ok.index(False)
 
-    pending = [(labels[action.stage_idx], f"action {action}", done) for action, done in issued]
-    pending += [(labels[stage_idx], "optimizer step", reported) for stage_idx, reported in steps]
+    pending = [
+        (worker_labels[schedule.worker_of(a.stage_idx)], f"action {a} (stage {a.stage_idx})", f)
+        for a, f in issued
+    ]
+    pending += [(worker_labels[worker], "optimizer step", reported) for worker, reported in steps]
     values = wait_all(pending, timeout_s, labels, _blame)
-    return ExecutedStep(reports=tuple(values[len(issued) :]), actions_done_at=actions_done_at.wait())
+    reports = [report for worker_reports in values[len(issued) :] for report in worker_reports]
+    return ExecutedStep(
+        reports=tuple(sorted(reports, key=lambda report: report.stage_idx)),
+        actions_done_at=actions_done_at.wait(),
+    )
+
+
+def _is_forward_of(action: Action, stage_idx: int) -> bool:
+    return action.kind is ActionKind.FORWARD and action.stage_idx == stage_idx
 
 
 def wait_all(

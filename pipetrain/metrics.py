@@ -1,7 +1,8 @@
 """Per-step training metrics: busy/idle/transfer figures, bubble fractions, and their logging.
 
 The driver collects one :class:`~pipetrain.timings.StageReport` per stage each step and turns
-them into a :class:`StepMetrics` with :func:`step_metrics`: the measured bubble fraction of the
+them into a :class:`StepMetrics` with :func:`step_metrics`, with figures per *worker* (a process runs
+one action at a time, whichever of its stages it belongs to): the measured bubble fraction of the
 step next to what the schedule simulator predicts, once with unit costs and once with the
 per-stage forward/backward times measured in that step. :class:`MetricsLogger` writes those
 metrics to TensorBoard (``run_dir/tb/``) and to ``run_dir/metrics.jsonl``; it is the only place
@@ -23,9 +24,9 @@ from pipetrain.timings import SpanCategory, StageReport
 from pipetrain.trace import write_chrome_trace
 
 __all__ = [
-    "StageFigures",
     "StepMetrics",
-    "stage_figures",
+    "WorkerFigures",
+    "worker_figures",
     "measured_bubble_fraction",
     "measured_costs",
     "step_metrics",
@@ -36,15 +37,15 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class StageFigures:
-    """How one stage spent the step's schedule window, in seconds."""
+class WorkerFigures:
+    """How one worker spent the step's schedule window, in seconds (all its stages together)."""
 
     busy_s: float
     """Total time running forward/backward actions (COMPUTE spans)."""
     idle_s: float
     """Window time not spent computing: ``max(window - busy, 0)``."""
     transfer_s: float
-    """Total time moving inputs from other stages (TRANSFER spans)."""
+    """Total time moving inputs from other workers (TRANSFER spans)."""
     peak_activation_bytes: int = 0
     """Peak activation bytes held for backward (micro-batches in flight)."""
 
@@ -59,12 +60,12 @@ class StepMetrics:
     step_time_s: float
     """Wall time since the previous step ended: loading the batch, the schedule, the optimizer steps."""
     bubble_fraction: float
-    """Measured: idle over idle + busy, summed over stages."""
+    """Measured: idle over idle + busy, summed over workers."""
     bubble_fraction_predicted: float
     """Simulated bubble of the schedule with unit forward/backward costs."""
     bubble_fraction_predicted_measured_costs: float
     """Simulated bubble of the schedule with this step's measured mean compute times."""
-    stages: tuple[StageFigures, ...]
+    workers: tuple[WorkerFigures, ...]
     data_time_s: float = 0.0
     """Time the driver waited for the step's batch (included in ``step_time_s``)."""
 
@@ -81,11 +82,11 @@ class StepMetrics:
                 self.bubble_fraction_predicted_measured_costs
             ),
         }
-        for k, figures in enumerate(self.stages):
-            scalars[f"stage{k}/busy_s"] = float(figures.busy_s)
-            scalars[f"stage{k}/idle_s"] = float(figures.idle_s)
-            scalars[f"stage{k}/transfer_s"] = float(figures.transfer_s)
-            scalars[f"stage{k}/peak_activation_mib"] = figures.peak_activation_bytes / 2**20
+        for k, figures in enumerate(self.workers):
+            scalars[f"worker{k}/busy_s"] = float(figures.busy_s)
+            scalars[f"worker{k}/idle_s"] = float(figures.idle_s)
+            scalars[f"worker{k}/transfer_s"] = float(figures.transfer_s)
+            scalars[f"worker{k}/peak_activation_mib"] = figures.peak_activation_bytes / 2**20
         return scalars
 
 
@@ -93,29 +94,33 @@ def _by_stage(reports: Sequence[StageReport]) -> list[StageReport]:
     return sorted(reports, key=lambda report: report.stage_idx)
 
 
-def stage_figures(reports: Sequence[StageReport], window_s: float) -> tuple[StageFigures, ...]:
-    """Busy, idle and transfer seconds of each stage (ordered by stage index).
+def worker_figures(
+    reports: Sequence[StageReport], window_s: float, placement: Sequence[int]
+) -> tuple[WorkerFigures, ...]:
+    """Busy, idle and transfer seconds of each worker (ordered by worker index).
 
-    ``window_s`` is the wall time of the schedule's execution, from the driver issuing the first
-    action to the last action completing; a stage is idle for the part of it it did not compute.
+    ``placement[stage_idx]`` is the worker hosting that stage. ``window_s`` is the wall time of the
+    schedule's execution, from the driver handing out the first action to the last action completing; a
+    worker is idle for the part of it it did not compute. Its peak activation memory is the sum of its
+    stages' peaks.
     """
     figures = []
-    for report in _by_stage(reports):
-        busy = report.total(SpanCategory.COMPUTE)
-        transfer = report.total(SpanCategory.TRANSFER)
+    for worker in range(max(placement) + 1):
+        own = [report for report in reports if placement[report.stage_idx] == worker]
+        busy = sum(report.total(SpanCategory.COMPUTE) for report in own)
         figures.append(
-            StageFigures(
+            WorkerFigures(
                 busy_s=busy,
                 idle_s=max(window_s - busy, 0.0),
-                transfer_s=transfer,
-                peak_activation_bytes=report.peak_activation_bytes,
+                transfer_s=sum(report.total(SpanCategory.TRANSFER) for report in own),
+                peak_activation_bytes=sum(report.peak_activation_bytes for report in own),
             )
         )
     return tuple(figures)
 
 
-def measured_bubble_fraction(figures: Sequence[StageFigures]) -> float:
-    """Fraction of the stages' window time spent idle: ``sum(idle) / sum(idle + busy)``.
+def measured_bubble_fraction(figures: Sequence[WorkerFigures]) -> float:
+    """Fraction of the workers' window time spent idle: ``sum(idle) / sum(idle + busy)``.
 
     Returns 0.0 when there is no time at all.
     """
@@ -158,10 +163,10 @@ def step_metrics(
     """Assemble the :class:`StepMetrics` of one step from the stages' reports.
 
     ``step_time_s`` is the whole step (including the optimizer) and gives the throughput;
-    ``window_s`` is the schedule's execution window (see :func:`stage_figures`); ``data_time_s`` is the
+    ``window_s`` is the schedule's execution window (see :func:`worker_figures`); ``data_time_s`` is the
     part of the step spent waiting for the batch.
     """
-    figures = stage_figures(reports, window_s)
+    figures = worker_figures(reports, window_s, schedule.placement)
     return StepMetrics(
         step=step,
         loss=float(loss),
@@ -170,7 +175,7 @@ def step_metrics(
         bubble_fraction=measured_bubble_fraction(figures),
         bubble_fraction_predicted=simulate(schedule).bubble_fraction,
         bubble_fraction_predicted_measured_costs=simulate(schedule, measured_costs(reports)).bubble_fraction,
-        stages=figures,
+        workers=figures,
         data_time_s=float(data_time_s),
     )
 
@@ -238,10 +243,19 @@ class MetricsLogger:
         writer.add_hparams(hparam_dict, metric_dict, run_name=".")
         writer.flush()
 
-    def write_trace(self, step: int, reports: Sequence[StageReport], path: Path | str | None = None) -> Path:
-        """Write the step's spans as a Chrome trace (default ``run_dir/traces/step{step}.json``)."""
+    def write_trace(
+        self,
+        step: int,
+        reports: Sequence[StageReport],
+        placement: Sequence[int] | None = None,
+        path: Path | str | None = None,
+    ) -> Path:
+        """Write the step's spans as a Chrome trace (default ``run_dir/traces/step{step}.json``).
+
+        ``placement[stage_idx]`` is the worker of a stage: each worker is one process of the trace.
+        """
         target = Path(path) if path is not None else self.run_dir / "traces" / f"step{step:06d}.json"
-        write_chrome_trace(target, reports, metadata={"step": step})
+        write_chrome_trace(target, reports, metadata={"step": step}, placement=placement)
         return target
 
     def close(self) -> None:

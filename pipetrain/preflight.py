@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from pipetrain.build import MODEL_SPEC_EXTRAS, build_dataset, build_plan, build_schedule_for
+from pipetrain.build import (
+    MODEL_SPEC_EXTRAS,
+    build_dataset,
+    build_plan,
+    build_schedule_for,
+    instantiate_model,
+)
 from pipetrain.checkpoint import find_checkpoint, read_manifest
 from pipetrain.composition import check_model_composes
 from pipetrain.config import TrainConfig
@@ -18,7 +24,7 @@ from pipetrain.data import check_num_classes
 from pipetrain.losses import get_loss
 from pipetrain.partition import StagePlan, partition
 from pipetrain.state_checks import check_checkpoint_readable, check_model_init, check_state_fits
-from pipetrain.targets import call_target, check_target_arguments
+from pipetrain.targets import check_target_arguments
 
 __all__ = ["check_settings", "preflight", "stage_plan"]
 
@@ -28,6 +34,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 def check_settings(cfg: TrainConfig) -> None:
     """Checks of single values that need neither the model nor the data."""
     _at_least(cfg.pipeline.num_microbatches, 1, "pipeline.num_microbatches")
+    _at_least(cfg.pipeline.stages_per_worker, 1, "pipeline.stages_per_worker")
     _at_least(cfg.train.steps, 1, "train.steps")
     _at_least(cfg.train.batch_size, 1, "train.batch_size")
     _at_least(cfg.train.log_every, 1, "train.log_every")
@@ -63,9 +70,7 @@ def check_settings(cfg: TrainConfig) -> None:
 def stage_plan(cfg: TrainConfig) -> StagePlan:
     """The stage plan of a configuration that :func:`preflight` already accepted (no checks repeated)."""
     with torch.device("meta"):
-        torch.manual_seed(cfg.seed)
-        model = call_target(cfg.model, "model", skip=MODEL_SPEC_EXTRAS)
-    return build_plan(cfg, model)
+        return build_plan(cfg, instantiate_model(cfg))
 
 
 def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
@@ -75,12 +80,7 @@ def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
     """
     check_settings(cfg)
     with torch.device("meta"):
-        torch.manual_seed(cfg.seed)
-        model = call_target(cfg.model, "model", skip=MODEL_SPEC_EXTRAS)
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(
-            f"model._target_: {cfg.model['_target_']} returned {type(model).__name__}, not an nn.Module"
-        )
+        model = instantiate_model(cfg)
     check_model_init(cfg.model, model)
     _check_batchnorm_microbatch(cfg, model)
     plan = build_plan(cfg, model)

@@ -1,4 +1,4 @@
-"""What each process of a run does once RPC is up: rank 0 drives, rank ``k+1`` serves stage ``k``."""
+"""What each process of a run does once its config is known: rank 0 drives, the others serve as workers."""
 
 from __future__ import annotations
 
@@ -6,42 +6,28 @@ import os
 import time
 from pathlib import Path
 
-from pipetrain.build import (
-    build_dataset,
-    build_model,
-    build_schedule_for,
-    build_stage,
-    resume_step,
-    stage_device,
-)
-from pipetrain.checkpoint import find_checkpoint, load_checkpoint, restore_stage
+from pipetrain.build import build_dataset, build_schedule_for, build_worker_stages, resume_step
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
-from pipetrain.failures import RunStopped, StageFailure
+from pipetrain.failures import RunStopped, StageError, StageFailure
 from pipetrain.loader import DataError
-from pipetrain.partition import StagePlan, partition
+from pipetrain.partition import StagePlan
 from pipetrain.run_dir import DRIVER_PID_FILE
-from pipetrain.transport.rpc import (
-    DRIVER_NAME,
-    RpcStageHandle,
-    StageServer,
-    init_rpc,
-    serve,
-    shutdown_rpc,
-    stage_worker_name,
-)
+from pipetrain.topology import Topology
+from pipetrain.transport.rpc import DRIVER_NAME, init_rpc, shutdown_rpc, start_workers, worker_name
 
-__all__ = ["check_world_size", "drive", "serve_stage"]
+__all__ = ["check_world_size", "drive", "serve_worker"]
 
 
-def check_world_size(plan: StagePlan, world_size: int) -> None:
-    """One driver plus one worker per stage, or a ``ValueError`` saying how to launch."""
-    if world_size != plan.num_stages + 1:
+def check_world_size(topology: Topology, world_size: int) -> None:
+    """One driver plus one process per worker, or a ``ValueError`` saying how to launch."""
+    if world_size != topology.world_size:
         raise ValueError(
-            f"pipeline: {plan.num_stages} stages need {plan.num_stages + 1} processes (one driver + one per "
-            f"stage) but the world size is {world_size}; launch with "
-            f"torchrun --nproc-per-node={plan.num_stages + 1} (or change pipeline.balance / pipeline.stages)"
+            f"pipeline: {topology.num_stages} stages on {topology.num_workers} workers need "
+            f"{topology.world_size} processes (one driver + one per worker) but the world size is "
+            f"{world_size}; launch with torchrun --nproc-per-node={topology.world_size} (or change "
+            "pipeline.balance / pipeline.stages / pipeline.stages_per_worker)"
         )
 
 
@@ -49,7 +35,15 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     """Rank 0: train over RPC stage handles; return the process exit status (130 when interrupted)."""
     (run_dir / DRIVER_PID_FILE).write_text(str(os.getpid()))
     init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc)
-    handles = [RpcStageHandle(idx, idx + 1) for idx in range(plan.num_stages)]
+    schedule = build_schedule_for(cfg, plan.num_stages)
+    topology = Topology.of(schedule)
+    try:
+        handles = start_workers(topology, schedule, build_worker_stages, (cfg, plan))
+    except StageError as error:
+        label = topology.label(topology.worker_of(error.stage_idx))
+        print(f"pipetrain: run stopped: {StageFailure(label, error.action, error)}", flush=True)
+        shutdown_rpc(graceful=False)
+        return 1
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     driver = Driver(cfg, handles, plan, batches, run_dir)
     try:
@@ -76,17 +70,9 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     return 0
 
 
-def serve_stage(cfg: TrainConfig, plan: StagePlan, rank: int, local_rank: int, world_size: int) -> int:
-    """Rank ``k+1``: build stage ``k`` on its device and serve it until the driver is done."""
-    stage_idx = rank - 1
-    model = build_model(cfg)
-    module = partition(model, plan)[stage_idx]
-    stage = build_stage(cfg, module, stage_idx, plan.num_stages, stage_device(cfg, stage_idx, local_rank))
-    del model
-    if cfg.checkpoint.resume:
-        restore_stage(stage, load_checkpoint(find_checkpoint(cfg.checkpoint.resume)))
-    serve(StageServer(stage, build_schedule_for(cfg, plan.num_stages)))
-    init_rpc(stage_worker_name(stage_idx), rank, world_size, cfg.rpc)
+def serve_worker(cfg: TrainConfig, rank: int, world_size: int) -> int:
+    """Rank ``w + 1``: serve as worker ``w`` until the driver is done (the driver builds its stages here)."""
+    init_rpc(worker_name(rank - 1), rank, world_size, cfg.rpc)
     shutdown_rpc(graceful=True)
     return 0
 

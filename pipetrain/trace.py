@@ -1,9 +1,10 @@
 """Chrome Trace Event Format export of a step's stage spans.
 
-The file opens in Perfetto (https://ui.perfetto.dev) and ``chrome://tracing``: every stage is
-one process (``pid`` = stage index) and every :class:`~pipetrain.timings.SpanCategory` one
-thread of it, so compute, waits, transfers and the optimizer step of a stage show as separate
-lanes. Times are microseconds relative to an origin (by default the earliest span start).
+The file opens in Perfetto (https://ui.perfetto.dev) and ``chrome://tracing``: every worker is
+one process (``pid`` = worker index; the span names are actions, ``3F2``, which name the stage) and
+every :class:`~pipetrain.timings.SpanCategory` one thread of it, so compute, waits, transfers and the
+optimizer steps of a worker show as separate lanes. Times are microseconds relative to an origin
+(by default the earliest span start).
 """
 
 from __future__ import annotations
@@ -29,23 +30,31 @@ def _metadata_event(name: str, pid: int, args: dict[str, Any], tid: int = 0) -> 
     return {"name": name, "ph": "M", "pid": pid, "tid": tid, "args": args}
 
 
+def _identity_placement(reports: Sequence[StageReport]) -> list[int]:
+    return list(range(max((report.stage_idx for report in reports), default=-1) + 1))
+
+
 def _default_origin(reports: Sequence[StageReport]) -> float:
     starts = [span.start for report in reports for span in report.spans]
     return min(starts) if starts else 0.0
 
 
-def chrome_trace_events(reports: Sequence[StageReport], origin: float | None = None) -> list[dict[str, Any]]:
+def chrome_trace_events(
+    reports: Sequence[StageReport], origin: float | None = None, placement: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
     """The trace events of ``reports``: metadata events first, then one ``"X"`` event per span.
 
     ``origin`` is the wall-clock time (seconds) that maps to ``ts == 0``; it defaults to the
-    earliest span start over all reports.
+    earliest span start over all reports. ``placement[stage_idx]`` is the worker of a stage (default:
+    stage k on worker k).
     """
     if origin is None:
         origin = _default_origin(reports)
+    worker_of = placement if placement is not None else _identity_placement(reports)
     events: list[dict[str, Any]] = []
-    for report in sorted(reports, key=lambda r: r.stage_idx):
-        pid = report.stage_idx
-        events.append(_metadata_event("process_name", pid, {"name": f"stage {pid}"}))
+    for pid in sorted({worker_of[report.stage_idx] for report in reports}):
+        stages = sorted(report.stage_idx for report in reports if worker_of[report.stage_idx] == pid)
+        events.append(_metadata_event("process_name", pid, {"name": f"worker {pid} (stages {stages})"}))
         events.append(_metadata_event("process_sort_index", pid, {"sort_index": pid}))
         for category, tid in CATEGORY_TIDS.items():
             events.append(_metadata_event("thread_name", pid, {"name": category.value}, tid))
@@ -57,7 +66,7 @@ def chrome_trace_events(reports: Sequence[StageReport], origin: float | None = N
                     "name": span.name,
                     "cat": SpanCategory(span.category).value,
                     "ph": "X",
-                    "pid": report.stage_idx,
+                    "pid": worker_of[report.stage_idx],
                     "tid": CATEGORY_TIDS[SpanCategory(span.category)],
                     "ts": (span.start - origin) * _US_PER_S,
                     "dur": max(span.duration, 0.0) * _US_PER_S,
@@ -71,6 +80,7 @@ def write_chrome_trace(
     reports: Sequence[StageReport],
     origin: float | None = None,
     metadata: Mapping[str, Any] | None = None,
+    placement: Sequence[int] | None = None,
 ) -> None:
     """Write ``reports`` as a Chrome Trace Event Format JSON file at ``path``, atomically.
 
@@ -81,7 +91,7 @@ def write_chrome_trace(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {
-        "traceEvents": chrome_trace_events(reports, origin),
+        "traceEvents": chrome_trace_events(reports, origin, placement),
         "displayTimeUnit": "ms",
     }
     if metadata:

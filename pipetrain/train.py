@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pipetrain.build import resume_step
+from pipetrain.build import build_schedule_for, resume_step
 from pipetrain.checkpoint import check_run_dir_checkpoints
 from pipetrain.compose import (
     CONF_DIR,
@@ -33,6 +33,7 @@ from pipetrain.config import register_schema
 from pipetrain.launch import run_torchrun
 from pipetrain.preflight import preflight
 from pipetrain.run_dir import RunLock, check_writable
+from pipetrain.topology import Topology, describe_plan
 from pipetrain.worker import LOCK_HELD_ENV
 
 __all__ = ["main"]
@@ -56,10 +57,10 @@ def _run(cfg: DictConfig) -> int:
         return 2
     with lock:
         config_path = write_run_config(run_dir, cfg)
-        stages = [list(names) for names in plan.stages]
-        print(f"pipetrain: {plan.num_stages} stages {stages} -> {run_dir}", flush=True)
+        topology = Topology.of(build_schedule_for(train_cfg, plan.num_stages))
+        print(f"pipetrain: {describe_plan(plan, topology)} -> {run_dir}", flush=True)
         status = run_torchrun(
-            plan.num_stages + 1, ["--config", str(config_path)], run_dir, env={LOCK_HELD_ENV: "1"}
+            topology.world_size, ["--config", str(config_path)], run_dir, env={LOCK_HELD_ENV: "1"}
         )
     _RESULTS.append((run_dir, status))
     return status

@@ -1,4 +1,4 @@
-"""torchrun entry point: rank 0 drives, rank k+1 serves stage k, all of them one checked configuration.
+"""torchrun entry point: rank 0 drives, rank w+1 serves worker w, all of them one checked configuration.
 
     torchrun --nproc-per-node=4 -m pipetrain.worker pipeline.balance=[2,2,2] pipeline.num_microbatches=8
     torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
@@ -19,14 +19,15 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from pipetrain.build import resume_step
+from pipetrain.build import build_schedule_for, resume_step
 from pipetrain.checkpoint import check_run_dir_checkpoints
 from pipetrain.compose import compose_config, load_run_config, to_train_config, write_run_config
 from pipetrain.config_share import ConfigRefused, has_shared_store, publish_config, receive_config
 from pipetrain.failures import request_interrupt, request_stop
 from pipetrain.preflight import preflight, stage_plan
-from pipetrain.roles import check_world_size, drive, serve_stage
+from pipetrain.roles import check_world_size, drive, serve_worker
 from pipetrain.run_dir import RunLock, check_writable, default_run_dir
+from pipetrain.topology import Topology
 
 __all__ = ["LOCK_HELD_ENV", "main"]
 
@@ -41,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     _stay_on_loopback()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     _handle_signals(is_driver=rank == 0)
     lock = None
     try:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             composed = load_run_config(receive_config()) if has_shared_store() else compose_config(args)
         cfg = to_train_config(composed)
         plan = stage_plan(cfg)
-        check_world_size(plan, world_size)
+        check_world_size(Topology.of(build_schedule_for(cfg, plan.num_stages)), world_size)
         if rank == 0 and lock is None and not os.environ.get(LOCK_HELD_ENV):
             lock = RunLock(cfg.run_dir).acquire()
     except ValueError as error:  # configuration errors: one line, then a clean exit
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigRefused:  # rank 0 refused the configuration and said why
         return 2
     if rank > 0:
-        return serve_stage(cfg, plan, rank, local_rank, world_size)
+        return serve_worker(cfg, rank, world_size)
     with lock or nullcontext():
         return drive(cfg, plan, world_size, Path(cfg.run_dir))
 

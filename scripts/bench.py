@@ -35,7 +35,7 @@ Columns (per configuration; ``p`` stages, ``m`` micro-batches, batch ``B``):
 ``samples/s``   ``B / step_s``.
 ``x_1t``        samples/s relative to ``single-1t``.
 ``t_mb_ms``     the slowest stage's measured forward+backward time per micro-batch: ``max_k busy_k / m``,
-                where ``busy_k`` is stage k's compute time in the step (pipetrain: ``stage{k}/busy_s``;
+                where ``busy_k`` is stage k's compute time in the step (pipetrain: ``worker{k}/busy_s``;
                 pipelining: timed ``forward_one_chunk`` + loss + ``backward_one_chunk``).
 ``E_mb``        pipeline efficiency ``(m + p - 1) * t_mb / step_s``: 1.0 is an ideal fill-drain pipeline
                 with the measured compute and no other cost; the ideal bubble is already accounted for.
@@ -54,7 +54,7 @@ Columns (per configuration; ``p`` stages, ``m`` micro-batches, batch ``B``):
                 It can come out slightly negative when action times vary within a step (the simulation
                 uses their means), e.g. when stages slow each other down by sharing cores.
 ``peak_MiB``    peak activation memory autograd held for backward, per stage (pipetrain:
-                ``stage{k}/peak_activation_mib``; pipelining: counted the same way, with a saved-tensor
+                ``worker{k}/peak_activation_mib``; pipelining: counted the same way, with a saved-tensor
                 hook around each forward).
 ``vs_pp``       pipetrain samples/s relative to pipelining with the same schedule and m.
 
@@ -86,7 +86,7 @@ from pipetrain.compose import compose_config, to_train_config
 from pipetrain.data import BatchOrder
 from pipetrain.launch import free_loopback_port
 from pipetrain.losses import get_loss
-from pipetrain.metrics import StageFigures, measured_bubble_fraction
+from pipetrain.metrics import WorkerFigures, measured_bubble_fraction
 from pipetrain.schedule import Action, ActionKind, StageCosts, build_schedule, simulate
 from pipetrain.targets import call_target
 
@@ -391,20 +391,20 @@ def read_pipetrain_run(run_dir: Path, num_stages: int) -> list[dict[str, Any]]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         logged = json.loads(line)
         stages = range(num_stages)
-        busy = [logged[f"stage{k}/busy_s"] for k in stages]
+        busy = [logged[f"worker{k}/busy_s"] for k in stages]
         forward, backward = trace_costs(run_dir / "traces" / f"step{logged['step']:06d}.json", num_stages)
         records.append(
             {
                 "step": logged["step"],
                 "step_time_s": logged["perf/step_time_s"],
                 # idle_k = max(window - busy_k, 0), so busy_k + idle_k gives the window back.
-                "window_s": max(busy[k] + logged[f"stage{k}/idle_s"] for k in stages),
+                "window_s": max(busy[k] + logged[f"worker{k}/idle_s"] for k in stages),
                 "loss": logged["train/loss"],
                 "busy_s": busy,
                 "forward_s": forward,
                 "backward_s": backward,
-                "peak_activation_mib": [logged[f"stage{k}/peak_activation_mib"] for k in stages],
-                "transfer_s": [logged[f"stage{k}/transfer_s"] for k in stages],
+                "peak_activation_mib": [logged[f"worker{k}/peak_activation_mib"] for k in stages],
+                "transfer_s": [logged[f"worker{k}/transfer_s"] for k in stages],
             }
         )
     return records
@@ -483,7 +483,7 @@ def step_figures(record: dict[str, Any], settings: Settings, config: Config) -> 
     schedule = build_schedule(config.schedule, p, m)
     measured = simulate(schedule, StageCosts(tuple(record["forward_s"]), tuple(record["backward_s"])))
     t_mb = max(busy) / m
-    stage_figures = [StageFigures(busy_s=b, idle_s=max(window - b, 0.0), transfer_s=0.0) for b in busy]
+    stage_figures = [WorkerFigures(busy_s=b, idle_s=max(window - b, 0.0), transfer_s=0.0) for b in busy]
     figures.update(
         t_mb_ms=t_mb * 1e3,
         e_mb=(m + p - 1) * t_mb / step_time,

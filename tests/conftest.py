@@ -65,12 +65,12 @@ STEP_TAGS = [
     "pipeline/bubble_fraction_predicted",
     "pipeline/bubble_fraction_predicted_measured_costs",
 ]
-STAGE_TAG_NAMES = ("busy_s", "idle_s", "transfer_s", "peak_activation_mib")
+WORKER_TAG_NAMES = ("busy_s", "idle_s", "transfer_s", "peak_activation_mib")
 
 
-def stage_tags(num_stages: int) -> list[str]:
+def worker_tags(num_workers: int) -> list[str]:
     """The per-stage tags of a run with ``num_stages`` stages."""
-    return [f"stage{k}/{name}" for k in range(num_stages) for name in STAGE_TAG_NAMES]
+    return [f"worker{k}/{name}" for k in range(num_workers) for name in WORKER_TAG_NAMES]
 
 
 def make_config(

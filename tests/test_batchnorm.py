@@ -12,14 +12,20 @@ from torch.utils.checkpoint import checkpoint
 from torchvision import models as tvm
 
 from pipetrain.batchnorm import DeferredBatchNorm, commit_deferred_batchnorm, convert_deferred_batchnorm
-from pipetrain.build import _commit_batchnorm_on_step, build_dataset, build_model, build_stages
+from pipetrain.build import (
+    _commit_batchnorm_on_step,
+    build_dataset,
+    build_model,
+    build_schedule_for,
+    build_stages,
+)
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver, split_microbatches
 from pipetrain.losses import get_loss
 from pipetrain.models.resnet import resnet18
 from pipetrain.preflight import preflight
 from pipetrain.targets import call_target
-from pipetrain.transport import LocalStageHandle
+from pipetrain.transport import local_workers
 
 BATCHNORMS = {
     "1d": (lambda: nn.BatchNorm1d(3), (16, 3)),
@@ -199,7 +205,11 @@ def _train_pipelined(cfg):
     plan, stages = build_stages(cfg)
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     losses = Driver(
-        cfg, [LocalStageHandle(s) for s in stages], plan, batches, print_fn=lambda line: None
+        cfg,
+        local_workers(stages, build_schedule_for(cfg, plan.num_stages)),
+        plan,
+        batches,
+        print_fn=lambda line: None,
     ).train()
     state = {}
     for stage in stages:

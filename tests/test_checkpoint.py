@@ -19,7 +19,7 @@ import torch
 from conftest import Launched, make_config, run_command, tagged_pids
 
 import pipetrain.checkpoint as checkpoint_module
-from pipetrain.build import build_dataset, build_model, build_stages
+from pipetrain.build import build_dataset, build_model, build_schedule_for, build_stages
 from pipetrain.checkpoint import (
     MANIFEST,
     check_run_dir_checkpoints,
@@ -34,7 +34,7 @@ from pipetrain.driver import Driver
 from pipetrain.executor import StageFailure, wait_all
 from pipetrain.preflight import preflight
 from pipetrain.targets import call_target
-from pipetrain.transport import LocalStageHandle
+from pipetrain.transport import LocalWorkerHandle, local_workers
 
 
 def train_in_process(cfg, run_dir: Path, printed: list[str] | None = None, stages=None) -> list[float]:
@@ -47,7 +47,14 @@ def train_in_process(cfg, run_dir: Path, printed: list[str] | None = None, stage
         stages.extend(built)
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     print_fn = printed.append if printed is not None else (lambda _: None)
-    driver = Driver(cfg, [LocalStageHandle(s) for s in built], plan, batches, run_dir, print_fn=print_fn)
+    driver = Driver(
+        cfg,
+        local_workers(built, build_schedule_for(cfg, plan.num_stages)),
+        plan,
+        batches,
+        run_dir,
+        print_fn=print_fn,
+    )
     start = read_manifest(find_checkpoint(cfg.checkpoint.resume))["step"] if cfg.checkpoint.resume else 0
     return driver.train(start_step=start)
 
@@ -56,7 +63,7 @@ def train_switching_at(cfg, switch_step: int, switch, cfg_after=None) -> list[fl
     """Train ``cfg`` without checkpoints, call ``switch(stage)`` on every stage after ``switch_step``
     steps, continue under ``cfg_after``; return the losses after the switch."""
     plan, stages = build_stages(cfg)
-    handles = [LocalStageHandle(s) for s in stages]
+    handles = local_workers(stages, build_schedule_for(cfg, plan.num_stages))
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     before = copy.deepcopy(cfg)
     before.train.steps = switch_step
@@ -294,20 +301,20 @@ def _set_lr(lr: float):
 # Saves are bounded by their own progress, not by the no-progress watchdog.
 
 
-class _ThreadedSaves(LocalStageHandle):
+class _ThreadedSaves(LocalWorkerHandle):
     """An in-process handle whose whole-stage requests (checkpoint saves) run on their own thread, as a
-    stage worker runs them while the driver waits."""
+    worker process runs them while the driver waits."""
 
-    def __init__(self, stage) -> None:
-        super().__init__(stage)
+    def __init__(self, handle: LocalWorkerHandle) -> None:
+        super().__init__(handle.runner)
         self.threads: list[threading.Thread] = []
 
-    def call(self, fn, *args):
+    def call_each_stage(self, fn, *args):
         future = torch.futures.Future()
 
         def run():
             try:
-                future.set_result(fn(self.stage, *args))
+                future.set_result(self.runner.each_stage(fn, *args))
             except Exception as error:  # noqa: BLE001 - reported through the future
                 future.set_exception(error)
 
@@ -338,7 +345,9 @@ def test_a_save_longer_than_the_timeout_completes_while_it_writes(tmp_path, monk
     cfg.rpc.timeout_s = 0.5
     monkeypatch.setattr(checkpoint_module, "_atomic_save", _slow_atomic_save(8, 0.15, keeps_writing))
     plan, stages = build_stages(cfg)
-    handles = [_ThreadedSaves(stage) for stage in stages]
+    handles = [
+        _ThreadedSaves(handle) for handle in local_workers(stages, build_schedule_for(cfg, plan.num_stages))
+    ]
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     driver = Driver(cfg, handles, plan, batches, tmp_path, print_fn=lambda _: None)
     started = time.monotonic()

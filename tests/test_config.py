@@ -216,4 +216,3 @@ def test_conf_dir_is_inside_the_package():
     assert CONF_DIR == Path(__file__).resolve().parent.parent / "pipetrain" / "conf"
     assert (CONF_DIR / "train.yaml").is_file()
     assert not (CONF_DIR.parent.parent / "conf").exists(), "configs live in pipetrain/conf/ only"
-

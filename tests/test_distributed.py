@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STEP_TAGS, run_command, stage_tags, train_unsplit
+from conftest import STEP_TAGS, run_command, train_unsplit, worker_tags
 from slow_parts import slow_model_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -52,7 +52,7 @@ def test_default_example_trains_through_torchrun(tmp_path):
     assert "step  100/100" in result.output
     events = scalars(tmp_path)
     tags = events.Tags()["scalars"]
-    for tag in STEP_TAGS + stage_tags(2):
+    for tag in STEP_TAGS + worker_tags(2):
         assert tag in tags, tag
     losses = [event.value for event in events.Scalars("train/loss")]
     assert len(losses) == 10
@@ -150,7 +150,7 @@ def test_world_size_mismatch_is_a_clear_error_on_every_rank(tmp_path):
     assert result.returncode != 0
     for rank in (0, 1):
         assert (
-            f"pipetrain [rank {rank}]: configuration error: pipeline: 2 stages need 3 processes"
+            f"pipetrain [rank {rank}]: configuration error: pipeline: 2 stages on 2 workers need 3 processes"
             in result.output
         )
     assert "torchrun --nproc-per-node=3" in result.output

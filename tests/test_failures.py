@@ -72,9 +72,13 @@ def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, stage_idx, pha
     stopped_after = time.monotonic() - killed_at
     assert result.returncode != 0
     assert stopped_after < 10, f"took {stopped_after:.1f} s to stop"
-    what = {"forward": r"action \dF\d+", "backward": r"action \dB\d+", "step": "optimizer step"}[phase]
+    what = {
+        "forward": rf"action {stage_idx}F\d+ \(stage {stage_idx}\)",
+        "backward": rf"action {stage_idx}B\d+ \(stage {stage_idx}\)",
+        "step": "optimizer step",
+    }[phase]
     pattern = (
-        rf"run stopped in step \d+: stage {stage_idx} \(rank {rank}\) failed during ({what})"
+        rf"run stopped in step \d+: worker {stage_idx} \(rank {rank}\) failed during ({what})"
         ".*lost the connection"
     )
     assert re.search(pattern, result.output), _driver_lines(result.output)
@@ -92,18 +96,19 @@ def test_stuck_stage_is_named_after_the_timeout(tmp_path):
         except ProcessLookupError:
             pass
     assert result.returncode != 0
-    assert re.search(r"stage 1 \(rank 2\) failed during action 1B\d+: no progress for 3 s", result.output), (
-        result.output[-3000:]
-    )
+    stuck = r"worker 1 \(rank 2\) failed during action 1B\d+ \(stage 1\): no progress for 3 s"
+    assert re.search(stuck, result.output), result.output[-3000:]
 
 
 def test_exception_in_a_stage_reaches_the_driver_with_its_traceback(tmp_path):
     run, _ = launch(tmp_path, "data.num_classes=20")
     result = run.finish(timeout=60)
     assert result.returncode != 0
-    expected = "stage 2 (rank 3) failed during action 2F0: ValueError: train.loss=cross_entropy: label"
+    expected = (
+        "worker 2 (rank 3) failed during action 2F0 (stage 2): ValueError: train.loss=cross_entropy: label"
+    )
     assert expected in result.output
-    assert "--- traceback on stage 2 (rank 3) ---" in result.output
+    assert "--- traceback on worker 2 (rank 3) ---" in result.output
     assert 'losses.py", line' in result.output
 
 
@@ -112,7 +117,7 @@ def test_nan_loss_stops_the_run(tmp_path):
     result = run.finish(timeout=90)
     assert result.returncode != 0
     assert re.search(
-        r"run stopped in step \d+: stage 2 \(rank 3\) failed during action 2F\d+: "
+        r"run stopped in step \d+: worker 2 \(rank 3\) failed during action 2F\d+ \(stage 2\): "
         r"FloatingPointError: .*is (nan|inf)",
         result.output,
     )

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import make_config
 
-from pipetrain.build import build_dataset, build_stages
+from pipetrain.build import build_dataset, build_schedule_for, build_stages
 from pipetrain.config import LoaderConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
 from pipetrain.loader import DataError, step_batches
-from pipetrain.transport import LocalStageHandle
+from pipetrain.transport import local_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,7 +39,12 @@ def train(cfg, run_dir):
     plan, stages = build_stages(cfg)
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     driver = Driver(
-        cfg, [LocalStageHandle(s) for s in stages], plan, batches, run_dir, print_fn=lambda _: None
+        cfg,
+        local_workers(stages, build_schedule_for(cfg, plan.num_stages)),
+        plan,
+        batches,
+        run_dir,
+        print_fn=lambda _: None,
     )
     return driver.train()
 

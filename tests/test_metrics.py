@@ -8,18 +8,18 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import STEP_TAGS, stage_tags
+from conftest import STEP_TAGS, worker_tags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipetrain.metrics import (
     MetricsLogger,
-    StageFigures,
     StepMetrics,
+    WorkerFigures,
     format_progress,
     measured_bubble_fraction,
     measured_costs,
-    stage_figures,
     step_metrics,
+    worker_figures,
 )
 from pipetrain.schedule import StageCosts, build_schedule, simulate
 from pipetrain.timings import Span, SpanCategory, StageReport
@@ -55,7 +55,7 @@ def _hand_reports() -> list[StageReport]:
 
 def _metrics(step: int = 3, num_stages: int = 2) -> StepMetrics:
     stages = tuple(
-        StageFigures(busy_s=1.0 + k, idle_s=0.5 * k, transfer_s=0.25 + k) for k in range(num_stages)
+        WorkerFigures(busy_s=1.0 + k, idle_s=0.5 * k, transfer_s=0.25 + k) for k in range(num_stages)
     )
     return StepMetrics(
         step=step,
@@ -65,17 +65,17 @@ def _metrics(step: int = 3, num_stages: int = 2) -> StepMetrics:
         bubble_fraction=0.2125,
         bubble_fraction_predicted=0.2,
         bubble_fraction_predicted_measured_costs=0.25,
-        stages=stages,
+        workers=stages,
     )
 
 
 # -- figures and bubble ---------------------------------------------------------------------
 
 
-def test_stage_figures_hand_made() -> None:
-    figures = stage_figures(_hand_reports(), window_s=10.0)
+def test_worker_figures_hand_made() -> None:
+    figures = worker_figures(_hand_reports(), 10.0, (0, 1))
     assert len(figures) == 2
-    assert figures[0] == pytest.approx(StageFigures(busy_s=3.25, idle_s=6.75, transfer_s=0.25))
+    assert figures[0] == pytest.approx(WorkerFigures(busy_s=3.25, idle_s=6.75, transfer_s=0.25))
     assert figures[0].busy_s == pytest.approx(3.25)
     assert figures[0].idle_s == pytest.approx(6.75)
     assert figures[0].transfer_s == pytest.approx(0.25)
@@ -84,19 +84,26 @@ def test_stage_figures_hand_made() -> None:
     assert figures[1].transfer_s == pytest.approx(0.5)
 
 
-def test_stage_figures_idle_clamped_at_zero() -> None:
-    (figures,) = stage_figures([_report(0, (C, "0F0", 0.0, 5.0))], window_s=4.0)
+def test_worker_figures_idle_clamped_at_zero() -> None:
+    (figures,) = worker_figures([_report(0, (C, "0F0", 0.0, 5.0))], 4.0, (0,))
     assert figures.busy_s == 5.0
     assert figures.idle_s == 0.0
 
 
+def test_worker_figures_add_up_the_stages_a_worker_hosts() -> None:
+    (figures,) = worker_figures(_hand_reports(), 10.0, (0, 0))
+    assert figures.busy_s == pytest.approx(3.25 + 6.0)
+    assert figures.idle_s == pytest.approx(0.75)
+    assert figures.transfer_s == pytest.approx(0.75)
+
+
 def test_measured_bubble_fraction() -> None:
-    figures = stage_figures(_hand_reports(), window_s=10.0)
+    figures = worker_figures(_hand_reports(), 10.0, (0, 1))
     # idle 6.75 + 4.0 over (6.75 + 3.25) + (4.0 + 6.0)
     assert measured_bubble_fraction(figures) == pytest.approx(10.75 / 20.0)
-    assert measured_bubble_fraction([StageFigures(1.0, 3.0, 0.0), StageFigures(2.0, 2.0, 1.0)]) == 0.625
+    assert measured_bubble_fraction([WorkerFigures(1.0, 3.0, 0.0), WorkerFigures(2.0, 2.0, 1.0)]) == 0.625
     assert measured_bubble_fraction([]) == 0.0
-    assert measured_bubble_fraction([StageFigures(0.0, 0.0, 0.0)]) == 0.0
+    assert measured_bubble_fraction([WorkerFigures(0.0, 0.0, 0.0)]) == 0.0
 
 
 def test_measured_costs_hand_made() -> None:
@@ -153,8 +160,8 @@ def test_step_metrics_perfect_gpipe_timeline() -> None:
     assert metrics.bubble_fraction == pytest.approx(metrics.bubble_fraction_predicted, abs=1e-5)
     # Measured costs are uniform (every action lasts 0.01 s), so the shape of the timeline is unchanged.
     assert metrics.bubble_fraction_predicted_measured_costs == pytest.approx(1 / 5, abs=1e-5)
-    assert len(metrics.stages) == 2
-    for figures in metrics.stages:
+    assert len(metrics.workers) == 2
+    for figures in metrics.workers:
         assert figures.busy_s == pytest.approx(0.08, abs=1e-5)
         assert figures.idle_s == pytest.approx(0.02, abs=1e-5)
         assert figures.transfer_s == 0.0
@@ -184,12 +191,12 @@ def test_step_metrics_uses_measured_costs() -> None:
 
 def test_scalars_tags() -> None:
     scalars = _metrics(num_stages=3).scalars()
-    assert set(scalars) == {*STEP_TAGS, *stage_tags(3)}
+    assert set(scalars) == {*STEP_TAGS, *worker_tags(3)}
     assert scalars["train/loss"] == pytest.approx(1.2345678)
     assert scalars["pipeline/bubble_fraction_predicted_measured_costs"] == 0.25
-    assert scalars["stage2/busy_s"] == 3.0
-    assert scalars["stage2/idle_s"] == 1.0
-    assert scalars["stage2/transfer_s"] == 2.25
+    assert scalars["worker2/busy_s"] == 3.0
+    assert scalars["worker2/idle_s"] == 1.0
+    assert scalars["worker2/transfer_s"] == 2.25
     assert all(isinstance(v, float) for v in scalars.values())
 
 
@@ -314,7 +321,7 @@ def test_chrome_trace(tmp_path: Path) -> None:
     assert len(spans) == sum(len(r.spans) for r in reports) == 10
 
     process_names = {e["pid"]: e["args"]["name"] for e in meta if e["name"] == "process_name"}
-    assert process_names == {0: "stage 0", 1: "stage 1"}
+    assert process_names == {0: "worker 0 (stages [0])", 1: "worker 1 (stages [1])"}
     thread_names = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}
     for pid in (0, 1):
         for category, tid in CATEGORY_TIDS.items():
@@ -352,6 +359,13 @@ def test_chrome_trace_explicit_origin_and_overwrite(tmp_path: Path) -> None:
 
 
 def test_chrome_trace_empty(tmp_path: Path) -> None:
+    path = tmp_path / "one_worker.json"
+    write_chrome_trace(path, _hand_reports(), placement=(0, 0))
+    doc = json.loads(path.read_text())
+    assert {e["pid"] for e in doc["traceEvents"]} == {0}
+    names = [e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"]
+    assert names == ["worker 0 (stages [0, 1])"]
+
     path = tmp_path / "empty.json"
     write_chrome_trace(path, [])
     assert json.loads(path.read_text()) == {"traceEvents": [], "displayTimeUnit": "ms"}
@@ -359,7 +373,7 @@ def test_chrome_trace_empty(tmp_path: Path) -> None:
 
 def test_logger_write_trace(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path) as logger:
-        explicit = logger.write_trace(4, _hand_reports(), tmp_path / "t.json")
+        explicit = logger.write_trace(4, _hand_reports(), path=tmp_path / "t.json")
         default = logger.write_trace(5, _hand_reports())
     assert explicit == tmp_path / "t.json"
     assert default.parent == tmp_path / "traces"

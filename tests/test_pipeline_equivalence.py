@@ -6,16 +6,16 @@ import pytest
 import torch
 from conftest import make_config, train_unsplit
 
-from pipetrain.build import build_dataset, build_stages
+from pipetrain.build import build_dataset, build_schedule_for, build_stages
 from pipetrain.compose import compose_config
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
-from pipetrain.transport import LocalStageHandle
+from pipetrain.transport import local_workers
 
 
 def train_pipelined(cfg):
     plan, stages = build_stages(cfg)
-    handles = [LocalStageHandle(stage) for stage in stages]
+    handles = local_workers(stages, build_schedule_for(cfg, plan.num_stages))
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
     losses = Driver(cfg, handles, plan, batches, print_fn=lambda line: None).train()
     weights = {}
@@ -60,7 +60,7 @@ def test_logged_run_writes_scalars(tmp_path):
     lines = []
     Driver(
         cfg,
-        [LocalStageHandle(s) for s in stages],
+        local_workers(stages, build_schedule_for(cfg, plan.num_stages)),
         plan,
         batches,
         tmp_path,

@@ -1,4 +1,4 @@
-"""The driver's bookkeeping of a stage's progress reports (``pipetrain.transport.rpc``), without processes.
+"""The driver's bookkeeping of a worker's progress reports (``pipetrain.transport``), without processes.
 
 The reports themselves travel over RPC in ``tests/test_distributed.py`` and ``tests/test_failures.py``;
 here: which ``done`` futures a report, a late report, and the stage's reply complete or fail.
@@ -9,22 +9,24 @@ from __future__ import annotations
 import torch
 
 from pipetrain.failures import StageError
-from pipetrain.transport.handle import completed
-from pipetrain.transport.rpc import _TRACKERS, _progress, _ProgressTracker
+from pipetrain.runner import completed
+from pipetrain.transport.handle import ProgressTracker
+from pipetrain.transport.rpc import ProgressBoard
 
 
 def _futures(count: int) -> list[torch.futures.Future]:
     return [torch.futures.Future() for _ in range(count)]
 
 
-def test_a_report_completes_the_actions_it_counts_and_a_stale_one_changes_nothing(monkeypatch):
+def test_a_report_completes_the_actions_it_counts_and_a_stale_one_changes_nothing():
     done = _futures(4)
-    tracker = _ProgressTracker(step_id=2, done=done)
-    monkeypatch.setitem(_TRACKERS, 0, tracker)  # what RpcStageHandle.step registers for stage 0
-    _progress(0, 2, 2)
+    tracker = ProgressTracker(step_id=2, done=done)
+    board = ProgressBoard()
+    board.track(0, tracker)  # what RpcWorkerHandle.submit registers for worker 0
+    board.advance(0, 2, 2)
     assert [future.done() for future in done] == [True, True, False, False]
-    _progress(0, 2, 1)  # reports can arrive out of order
-    _progress(0, 1, 4)  # a late report of the previous step
+    board.advance(0, 2, 1)  # reports can arrive out of order
+    board.advance(0, 1, 4)  # a late report of the previous step
     assert [future.done() for future in done] == [True, True, False, False]
     tracker.finish(completed("report"))
     assert all(future.done() and future.value() is None for future in done)
@@ -32,10 +34,10 @@ def test_a_report_completes_the_actions_it_counts_and_a_stale_one_changes_nothin
 
 def test_a_failed_step_fails_the_actions_not_reported_done_with_its_error():
     done = _futures(4)
-    tracker = _ProgressTracker(step_id=1, done=done)
+    tracker = ProgressTracker(step_id=1, done=done)
     tracker.advance(1)
     error = StageError(0, "action 0F1", "RuntimeError: boom")
-    tracker.finish(completed(error))  # the stage answers with its error as a value
+    tracker.finish(completed(error))  # the worker answers with its error as a value
     assert done[0].value() is None
     for future in done[1:]:
         try:
@@ -44,5 +46,5 @@ def test_a_failed_step_fails_the_actions_not_reported_done_with_its_error():
             assert raised.action == "action 0F1"
         else:
             raise AssertionError("an action after the failure was reported done")
-    tracker.advance(3)  # a report that was already on its way when the stage failed
+    tracker.advance(3)  # a report that was already on its way when the worker failed
     assert all(future.done() for future in done)

@@ -17,7 +17,7 @@ from pipetrain.losses import get_loss
 from pipetrain.partition import StageModule
 from pipetrain.stage import Stage
 from pipetrain.timings import SpanCategory
-from pipetrain.transport import LocalStageHandle
+from pipetrain.transport import local_workers
 
 
 def make_stage(stage_idx: int = 0, num_stages: int = 2) -> Stage:
@@ -85,7 +85,7 @@ def test_activation_memory_grows_with_m_for_gpipe_only(schedule):
         _, stages = build_stages(cfg)
         inputs, targets = BatchOrder(build_dataset(cfg), cfg.train.batch_size, 0).batch(0)
         result = run_step(
-            [LocalStageHandle(s) for s in stages], build_schedule_for(cfg, 2), inputs, targets, m
+            local_workers(stages, build_schedule_for(cfg, 2)), build_schedule_for(cfg, 2), inputs, targets, m
         )
         peaks.append(result.reports[0].peak_activation_bytes)
     if schedule == "gpipe":
@@ -100,6 +100,10 @@ def test_in_process_failure_names_stage_and_action():
     cfg.data["num_classes"] = 20  # targets the 5-class model cannot score
     _, stages = build_stages(cfg)
     inputs, targets = BatchOrder(build_dataset(cfg), cfg.train.batch_size, 0).batch(0)
-    failure = r"stage 1 \(in-process\) failed during action 1F\d: ValueError: train.loss=cross_entropy: label"
+    failure = (
+        r"worker 1 \(in-process\) failed during action 1F\d \(stage 1\): "
+        "ValueError: train.loss=cross_entropy: label"
+    )
+    schedule = build_schedule_for(cfg, 2)
     with pytest.raises(StageFailure, match=failure):
-        run_step([LocalStageHandle(s) for s in stages], build_schedule_for(cfg, 2), inputs, targets, 4)
+        run_step(local_workers(stages, schedule), schedule, inputs, targets, 4)

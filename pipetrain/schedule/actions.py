@@ -1,7 +1,9 @@
-"""Pipeline actions: one forward or backward pass of one micro-batch on one stage.
+"""Pipeline actions: one pass of one micro-batch through one stage.
 
-The text form follows ``torch.distributed.pipelining``: ``"2F5"`` is the forward pass of
-micro-batch 5 on stage 2 and ``"0B3"`` the backward pass of micro-batch 3 on stage 0.
+The text form follows ``torch.distributed.pipelining``: ``"2F5"`` is the forward pass of micro-batch 5
+on stage 2, ``"0B3"`` the full backward pass of micro-batch 3 on stage 0, and ``"1I2"`` / ``"1W2"`` the
+two halves of a backward pass that zero-bubble schedules run apart: the gradient of stage 1's input
+(which the previous stage waits for) and the gradients of its weights (which nobody waits for).
 """
 
 from __future__ import annotations
@@ -9,18 +11,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import TypeAlias
 
-__all__ = ["Action", "ActionKind", "Schedule"]
-
-_ACTION_RE = re.compile(r"(\d+)([FB])(\d+)")
+__all__ = ["Action", "ActionKind"]
 
 
 class ActionKind(str, Enum):
-    """Kind of pipeline action: a forward or a backward pass."""
+    """Kind of pipeline action; the value is its letter in the text form."""
 
     FORWARD = "F"
+    """Forward pass: consumes the previous stage's output, produces this stage's output."""
     BACKWARD = "B"
+    """Full backward pass: the gradients of the stage's input and of its parameters."""
+    INPUT_GRAD = "I"
+    """Backward pass for the gradient of the stage's input only (the previous stage waits for it)."""
+    WEIGHT_GRAD = "W"
+    """Backward pass for the parameter gradients only, after the stage's ``I`` of the same micro-batch."""
+
+
+_LETTERS = "".join(kind.value for kind in ActionKind)
+_ACTION_RE = re.compile(rf"(\d+)([{_LETTERS}])(\d+)")
 
 
 @dataclass(frozen=True, order=True)
@@ -47,11 +56,8 @@ class Action:
         match = _ACTION_RE.fullmatch(text.strip()) if isinstance(text, str) else None
         if match is None:
             raise ValueError(
-                f"invalid action text {text!r}: expected <stage><F|B><micro-batch>, e.g. '2F5' or '0B3'"
+                f"invalid action text {text!r}: expected <stage><{'|'.join(_LETTERS)}><micro-batch>, "
+                "e.g. '2F5', '0B3', '1I2' or '1W2'"
             )
         stage, kind, mb = match.groups()
         return cls(int(stage), ActionKind(kind), int(mb))
-
-
-Schedule: TypeAlias = dict[int, list[Action]]
-"""A pipeline schedule: stage index -> the ordered actions that stage runs."""

@@ -1,10 +1,11 @@
-"""How the driver reaches its stages: the :class:`StageHandle` protocol and its implementations.
+"""How the driver reaches its workers: the :class:`WorkerHandle` protocol and its implementations.
 
-``local`` runs every stage in the driver's process (tests, debugging a split); ``rpc`` reaches stage
-workers through ``torch.distributed.rpc`` and is the only module that imports it.
+``local`` runs every worker in the driver's process, each on a thread of its own (tests, debugging a
+split); ``rpc`` reaches worker processes through ``torch.distributed.rpc`` and is the only module that
+imports it. Both drive the same :class:`~pipetrain.runner.WorkerRunner`.
 """
 
-from pipetrain.transport.handle import IssuedAction, StageHandle
-from pipetrain.transport.local import LocalStageHandle
+from pipetrain.transport.handle import ProgressTracker, WorkerHandle
+from pipetrain.transport.local import LocalWorkerHandle, local_workers
 
-__all__ = ["IssuedAction", "StageHandle", "LocalStageHandle"]
+__all__ = ["LocalWorkerHandle", "ProgressTracker", "WorkerHandle", "local_workers"]

@@ -1,74 +1,75 @@
-"""The :class:`StageHandle` protocol: what the executor and driver need from a stage, wherever it runs."""
+"""The :class:`WorkerHandle` protocol: what the executor and driver need from a worker, wherever it runs.
+
+Two phases per step: :meth:`WorkerHandle.submit` hands the worker its actions (it runs them as their
+inputs arrive), :meth:`WorkerHandle.optimizer_step` asks it to step its stages' optimizers once their
+actions are done. Between the two, a later reduction across stages or replicas has its place.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 
-from pipetrain.schedule import Action
+from pipetrain.runner import Work, result_or_error
 
-__all__ = ["IssuedAction", "StageHandle", "completed", "failed"]
-
-
-@dataclass(frozen=True)
-class IssuedAction:
-    """An action handed to its stage.
-
-    ``output`` is a reference to what the action produces (its output for a forward, its input's gradient
-    for a backward), to be passed as the input of the action that consumes it; what a reference is belongs
-    to the transport (a tensor in-process, a remote reference over RPC). ``done`` completes when the action
-    has run, or carries its error.
-    """
-
-    output: Any
-    done: torch.futures.Future
+__all__ = ["WorkerHandle", "ProgressTracker"]
 
 
-class StageHandle(Protocol):
-    """The driver's view of one stage."""
+class WorkerHandle(Protocol):
+    """The driver's view of one worker and the stages it hosts."""
 
-    stage_idx: int
+    worker_idx: int
 
     @property
     def label(self) -> str:
-        """How errors name this stage, e.g. ``"stage 1 (rank 2)"``."""
+        """How errors name this worker, e.g. ``"worker 1 (rank 2)"``."""
         ...
 
-    def issue(self, action: Action, input_ref: Any, target: Any | None) -> IssuedAction:
-        """Hand ``action`` to the stage; it runs after the stage's previous action, once its input exists.
+    def submit(self, work: Work) -> list[torch.futures.Future]:
+        """Hand the worker its actions of the next step; one future per action, done when it has run."""
+        ...
 
-        A transport may hold the step's actions until :meth:`step` and send them together.
+    def optimizer_step(self) -> torch.futures.Future:
+        """Step the worker's stages once their submitted actions are done.
 
-        ``input_ref`` is the micro-batch input (stage 0 forward), the output reference of the action this
-        one depends on, or ``None`` (last stage backward). ``target`` is given to the last stage's forward.
+        The future carries the stages' :class:`~pipetrain.timings.StageReport` list, or the error.
         """
         ...
 
-    def step(self) -> torch.futures.Future:
-        """Step the stage's optimizer once the actions issued to it for this step are done.
-
-        Called once per step, right after the step's actions are issued (it sends any the transport held
-        back). The future carries the stage's :class:`StageReport`.
-        """
-        ...
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
-        """Run ``fn(stage, *args)`` where the stage lives (``fn`` importable by name)."""
+    def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
+        """Run ``fn(stage, *args)`` for each stage of the worker, where it lives (``fn``: importable)."""
         ...
 
 
-def completed(value: Any) -> torch.futures.Future:
-    """A future that already holds ``value``."""
-    future: torch.futures.Future = torch.futures.Future()
-    future.set_result(value)
-    return future
+class ProgressTracker:
+    """The driver's side of one worker's step: completes the ``done`` futures of its actions in order."""
 
+    def __init__(self, step_id: int, done: Sequence[torch.futures.Future]) -> None:
+        self.step_id = step_id
+        self._done = list(done)
+        self._completed = 0
+        self._lock = threading.Lock()
 
-def failed(error: BaseException) -> torch.futures.Future:
-    """A future that already holds ``error``."""
-    future: torch.futures.Future = torch.futures.Future()
-    future.set_exception(error)
-    return future
+    def advance(self, count: int, error: BaseException | None = None) -> None:
+        """The first ``count`` actions are done; with ``error``, the rest failed with it."""
+        with self._lock:
+            newly_done = self._done[self._completed : count]
+            self._completed = max(self._completed, count)
+            failed_now = self._done[self._completed :] if error is not None else []
+            if error is not None:
+                self._completed = len(self._done)
+        for future in newly_done:
+            future.set_result(None)
+        for future in failed_now:
+            future.set_exception(error)
+
+    def finish(self, reply: torch.futures.Future) -> None:
+        """The worker answered: every action is done, or whatever is not failed with the reply's error."""
+        error = result_or_error(reply)
+        if isinstance(error, BaseException):
+            self.advance(0, error)
+        else:
+            self.advance(len(self._done))

@@ -1,59 +1,70 @@
-"""In-process stage handles: the whole pipeline in the driver's process, one action at a time.
+"""In-process workers: the whole pipeline in the driver's process, each worker on a thread of its own.
 
-The executor issues actions in an order that respects every dependency, so a local handle simply runs
-each action when it is issued. Used by the tests and for debugging a split without processes.
+The same :class:`~pipetrain.runner.WorkerRunner` as over RPC runs the actions; workers fetch each other's
+outputs by a direct call instead of a message. Used by the tests and for debugging a split without
+processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from pipetrain.failures import StageError
-from pipetrain.schedule import Action, ActionKind
+from pipetrain.runner import Work, WorkerRunner, completed
+from pipetrain.schedule import Schedule
 from pipetrain.stage import Stage
-from pipetrain.transport.handle import IssuedAction, completed, failed
+from pipetrain.transport.handle import ProgressTracker
 
-__all__ = ["LocalStageHandle"]
+__all__ = ["LocalWorkerHandle", "local_workers"]
 
 
-class LocalStageHandle:
-    """A :class:`~pipetrain.transport.handle.StageHandle` running ``stage`` in this process."""
+class LocalWorkerHandle:
+    """A :class:`~pipetrain.transport.handle.WorkerHandle` on a runner in this process."""
 
-    def __init__(self, stage: Stage) -> None:
-        self.stage = stage
-        self.stage_idx = stage.stage_idx
+    def __init__(self, runner: WorkerRunner) -> None:
+        self.runner = runner
+        self.worker_idx = runner.worker_idx
+        self._steps_sent = 0
 
     @property
     def label(self) -> str:
-        """``"stage <k> (in-process)"``."""
-        return f"stage {self.stage_idx} (in-process)"
+        """``"worker <k> (in-process)"``."""
+        return f"worker {self.worker_idx} (in-process)"
 
-    def issue(self, action: Action, input_ref: Any, target: Any | None) -> IssuedAction:
-        """Run ``action`` now; its output reference is the output tensor itself."""
+    def submit(self, work: Work) -> list[torch.futures.Future]:
+        """Start the actions on the worker's compute thread."""
+        self._steps_sent += 1
+        done = [torch.futures.Future() for _ in work]
+        tracker = ProgressTracker(self._steps_sent, done)
         try:
-            if action.kind == ActionKind.FORWARD:
-                output = self.stage.forward(action.mb_idx, input_ref, target)
-            else:
-                output = self.stage.backward(action.mb_idx, input_ref)
-        except Exception as error:  # surfaces through the future, like a remote failure
-            return IssuedAction(
-                output=None, done=failed(StageError.wrap(error, self.stage_idx, f"action {action}"))
-            )
-        return IssuedAction(output=output, done=completed(None))
-
-    def step(self) -> torch.futures.Future:
-        """Step the optimizer now."""
-        try:
-            return completed(self.stage.step())
+            finished = self.runner.run_actions(self._steps_sent, work, tracker.advance)
         except Exception as error:
-            return failed(StageError.wrap(error, self.stage_idx, "optimizer step"))
+            finished = completed(StageError.wrap(error, min(self.runner.stages), "step request"))
+        finished.add_done_callback(tracker.finish)
+        return done
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
-        """Run ``fn(stage, *args)`` now."""
+    def optimizer_step(self) -> torch.futures.Future:
+        """Step the stages once their actions are done."""
+        return self.runner.optimizer_step(self._steps_sent)
+
+    def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
+        """Run ``fn(stage, *args)`` for each stage now."""
         try:
-            return completed(fn(self.stage, *args))
+            return completed(self.runner.each_stage(fn, *args))
         except Exception as error:
-            return failed(StageError.wrap(error, self.stage_idx, getattr(fn, "__name__", "request")))
+            name = getattr(fn, "__name__", "request")
+            return completed(StageError.wrap(error, min(self.runner.stages), name))
+
+
+def local_workers(stages: Sequence[Stage], schedule: Schedule) -> list[LocalWorkerHandle]:
+    """Handles on in-process workers holding ``stages`` (stage ``k`` at index ``k``) as ``schedule`` says."""
+    runners = [
+        WorkerRunner(worker, {idx: stages[idx] for idx in schedule.stages_of(worker)}, schedule)
+        for worker in range(schedule.num_workers)
+    ]
+    for runner in runners:
+        runner.connect(lambda worker, action: runners[worker].fetch(action))
+    return [LocalWorkerHandle(runner) for runner in runners]

@@ -1,0 +1,267 @@
+"""One worker's share of every step: its stages' actions in schedule order, on one compute thread.
+
+:class:`WorkerRunner` is the only code that runs actions, whatever carries them: the in-process transport
+and the RPC transport both drive it. Per step it receives its worker's actions (with stage 0's
+micro-batches and the last stage's targets), requests every input that another worker produces at once,
+then runs the actions one at a time, each as soon as its input is there, with one dispatch over the action
+kinds. An output whose consumer is a stage of the same worker is handed over in-process (no copy, no
+transport); one whose consumer lives elsewhere waits in the outbox until that worker fetches it.
+
+The optimizer step is a phase of its own: the driver asks for it (:meth:`WorkerRunner.optimizer_step`)
+after sending the actions, and each stage steps as soon as its own actions are done and the request is
+there, so a stage that finishes early steps while the others drain.
+
+Errors travel as values (:class:`~pipetrain.failures.StageError`): every future a runner hands out
+carries either its result or the error that stopped it, so nothing waits forever on a failed worker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipetrain import boundary
+from pipetrain.failures import StageError
+from pipetrain.schedule import Action, ActionKind, Schedule, input_dependency, output_consumer
+from pipetrain.stage import Stage
+from pipetrain.timings import SpanCategory, StageReport
+
+__all__ = ["Work", "RemoteFetch", "WorkerRunner", "completed", "result_or_error"]
+
+Work = Sequence[tuple[Action, Any, Any]]
+"""A worker's actions of one step, in schedule order, each with its driver-given input and target."""
+
+RemoteFetch = Callable[[int, Action], torch.futures.Future]
+"""``fetch(worker_idx, action)``: a future of ``(output, produced_at)`` of ``action`` on another worker."""
+
+_LOCAL = object()
+
+
+def completed(value: Any) -> torch.futures.Future:
+    """A future that already holds ``value``."""
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(value)
+    return future
+
+
+def result_or_error(future: torch.futures.Future) -> Any:
+    """The future's value, or its error *as a value* (raising inside a callback would lose its type)."""
+    try:
+        return _result(future)
+    except Exception as error:
+        return error
+
+
+def _result(future: torch.futures.Future) -> Any:
+    """The future's value; raises its error, including one that arrived as a value."""
+    value = future.wait()
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+@dataclass
+class _StepState:
+    """The two halves of one step on a worker: its actions, and its optimizer step."""
+
+    step_requested: torch.futures.Future = field(default_factory=torch.futures.Future)
+    reports: torch.futures.Future = field(default_factory=torch.futures.Future)
+
+
+class WorkerRunner:
+    """Runs worker ``worker_idx``'s actions of ``schedule`` on ``stages`` (stage index -> stage)."""
+
+    def __init__(self, worker_idx: int, stages: Mapping[int, Stage], schedule: Schedule) -> None:
+        self.worker_idx = worker_idx
+        self.stages = dict(stages)
+        self.schedule = schedule
+        self._order = tuple(schedule[worker_idx])
+        expected = set(schedule.stages_of(worker_idx))
+        if set(self.stages) != expected:
+            raise ValueError(
+                f"worker {worker_idx}: holds stages {sorted(self.stages)} but the schedule places "
+                f"{sorted(expected)} on it"
+            )
+        self._fetch_remote: RemoteFetch | None = None
+        self._lock = threading.Lock()
+        self._outbox: dict[Action, torch.futures.Future] = {}
+        self._steps: dict[int, _StepState] = {}
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker{worker_idx}")
+
+    def connect(self, fetch_remote: RemoteFetch) -> None:
+        """How this worker pulls the outputs of other workers' actions."""
+        self._fetch_remote = fetch_remote
+
+    def run_actions(self, step_id: int, work: Work, progress: Callable[[int], None]) -> torch.futures.Future:
+        """Start the step's actions; the future completes (``None``, or the error) when all have run.
+
+        ``progress(n)`` is called from the compute thread each time the first ``n`` actions are done.
+        """
+        actions = tuple(action for action, _, _ in work)
+        if actions != self._order:
+            raise RuntimeError(
+                f"worker {self.worker_idx}: received actions {list(map(str, actions))}, but its schedule "
+                f"is {list(map(str, self._order))}"
+            )
+        received = time.time()
+        arrivals = [self._arrival(action, value) for action, value, _ in work]
+        done: torch.futures.Future = torch.futures.Future()
+        self._compute.submit(self._run, self._step(step_id), work, arrivals, received, progress, done)
+        return done
+
+    def optimizer_step(self, step_id: int) -> torch.futures.Future:
+        """Step every stage's optimizer once its actions of ``step_id`` are done.
+
+        The future carries the stages' :class:`StageReport` list (in stage order), or the error.
+        """
+        state = self._step(step_id)
+        if not state.step_requested.done():
+            state.step_requested.set_result(None)
+        return state.reports
+
+    def fetch(self, action: Action) -> torch.futures.Future:
+        """A future of ``(output, produced_at)`` of ``action``: once, for its consumer on another worker."""
+        future = self._outbox_future(action)
+
+        def _release(done: torch.futures.Future) -> Any:
+            with self._lock:
+                self._outbox.pop(action, None)
+            return result_or_error(done)
+
+        return future.then(_release)
+
+    def each_stage(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(stage, *args)`` for every stage of this worker, in stage order."""
+        return [fn(self.stages[idx], *args) for idx in sorted(self.stages)]
+
+    def _step(self, step_id: int) -> _StepState:
+        with self._lock:
+            return self._steps.setdefault(step_id, _StepState())
+
+    def _arrival(self, action: Action, value: Any) -> Any:
+        """The future of ``(input, produced_at, arrived_at)`` of ``action``, or ``_LOCAL``."""
+        producer = input_dependency(action, self.schedule)
+        if producer is None:
+            now = time.time()
+            return completed((value, now, now))
+        producer_worker = self.schedule.worker_of(producer.stage_idx)
+        if producer_worker == self.worker_idx:
+            return _LOCAL
+        assert self._fetch_remote is not None, "connect() first"
+
+        def _arrived(reply: torch.futures.Future) -> Any:
+            result = result_or_error(reply)
+            if isinstance(result, StageError):
+                return result
+            if isinstance(result, BaseException):  # the producer's process is gone or unreachable
+                return StageError(producer.stage_idx, _what(producer), f"{type(result).__name__}: {result}")
+            return (*result, time.time())
+
+        return self._fetch_remote(producer_worker, producer).then(_arrived)
+
+    def _run(
+        self,
+        state: _StepState,
+        work: Work,
+        arrivals: Sequence[Any],
+        received: float,
+        progress: Callable[[int], None],
+        done: torch.futures.Future,
+    ) -> None:
+        """The step on the compute thread (waiting here for an input blocks no transport thread)."""
+        remaining = Counter(action.stage_idx for action, _, _ in work)
+        reports: dict[int, StageReport] = {}
+        local_outputs: dict[Action, Any] = {}
+        free_at = received
+        position, failed_stage, running = 0, min(self.stages), "optimizer step"
+        try:
+            for position, ((action, _, target), arrival) in enumerate(zip(work, arrivals, strict=True)):
+                failed_stage, running = action.stage_idx, _what(action)
+                if arrival is _LOCAL:
+                    value = local_outputs.pop(input_dependency(action, self.schedule))
+                else:
+                    value, produced_at, arrived_at = _result(arrival)
+                    self._record_idle(action, free_at, produced_at, arrived_at)
+                output = self._dispatch(action, value, target)
+                self._hand_over(action, output, local_outputs)
+                free_at = time.time()
+                progress(position + 1)
+                remaining[action.stage_idx] -= 1
+                if remaining[action.stage_idx] == 0 and state.step_requested.done():
+                    failed_stage, running = action.stage_idx, "optimizer step"
+                    reports[action.stage_idx] = self.stages[action.stage_idx].step()
+            position = len(work)
+            done.set_result(None)
+            state.step_requested.wait()
+            for stage_idx in sorted(self.stages):
+                if stage_idx not in reports:
+                    failed_stage, running = stage_idx, "optimizer step"
+                    reports[stage_idx] = self.stages[stage_idx].step()
+        except Exception as error:  # every waiter learns of the failure, nothing waits forever
+            failure = StageError.wrap(error, failed_stage, running)
+            self._fail_outbox(work[position:], failure)
+            if not done.done():
+                done.set_result(failure)
+            state.reports.set_result(failure)  # kept: a late optimizer-step request gets the failure too
+            return
+        with self._lock:
+            self._steps = {key: value for key, value in self._steps.items() if value is not state}
+        state.reports.set_result([reports[idx] for idx in sorted(reports)])
+
+    def _dispatch(self, action: Action, value: Any, target: Any) -> Any:
+        """Run ``action`` on its stage: the one place that maps action kinds to stage methods."""
+        stage = self.stages[action.stage_idx]
+        kind = action.kind
+        if kind is ActionKind.FORWARD:
+            return stage.forward(action.mb_idx, value, target)
+        if kind is ActionKind.BACKWARD:
+            return stage.backward(action.mb_idx, value)
+        if kind in (ActionKind.INPUT_GRAD, ActionKind.WEIGHT_GRAD):
+            raise ValueError(
+                f"action {action}: split backward ({kind.name.lower()}) is not run by this runtime yet; "
+                "use a schedule of F and B actions"
+            )
+        raise AssertionError(f"unknown action kind {kind!r}")
+
+    def _hand_over(self, action: Action, output: Any, local_outputs: dict[Action, Any]) -> None:
+        """Keep ``output`` for a consumer on this worker, or put it in the outbox for another worker."""
+        consumer = output_consumer(action, self.schedule)
+        if consumer is None:
+            return
+        if self.schedule.worker_of(consumer.stage_idx) == self.worker_idx:
+            local_outputs[action] = output
+        else:
+            self._outbox_future(action).set_result((boundary.to_cpu(output), time.time()))
+
+    def _fail_outbox(self, work: Work, failure: StageError) -> None:
+        for action, _, _ in work:
+            consumer = output_consumer(action, self.schedule)
+            if consumer is not None and self.schedule.worker_of(consumer.stage_idx) != self.worker_idx:
+                outbox = self._outbox_future(action)
+                if not outbox.done():
+                    outbox.set_result(failure)
+
+    def _record_idle(self, action: Action, free_at: float, produced_at: float, arrived_at: float) -> None:
+        if arrived_at <= free_at:
+            return
+        stage = self.stages[action.stage_idx]
+        transfer_from = min(max(free_at, produced_at), arrived_at)
+        if transfer_from > free_at:
+            stage.record_span(SpanCategory.WAIT, str(action), free_at, transfer_from)
+        stage.record_span(SpanCategory.TRANSFER, str(action), transfer_from, arrived_at)
+
+    def _outbox_future(self, action: Action) -> torch.futures.Future:
+        with self._lock:
+            return self._outbox.setdefault(action, torch.futures.Future())
+
+
+def _what(action: Action) -> str:
+    """How failures name an action: ``"action 3F2 (stage 3)"``."""
+    return f"action {action} (stage {action.stage_idx})"

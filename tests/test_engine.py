@@ -1,0 +1,245 @@
+"""The engine: workers that host several stages, one runner for both transports, interleaved 1F1B.
+
+In-process runs go through the same :class:`~pipetrain.runner.WorkerRunner` as the RPC runs; each is
+checked against the unsplit model trained in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Launched, make_config, run_command, train_unsplit
+from slow_parts import slow_model_overrides
+
+from pipetrain.build import build_dataset, build_schedule_for, build_stages
+from pipetrain.checkpoint import merged_model_state
+from pipetrain.compose import compose_config, to_train_config
+from pipetrain.data import BatchOrder
+from pipetrain.driver import Driver
+from pipetrain.runner import WorkerRunner
+from pipetrain.schedule import Action, ActionKind, Schedule
+from pipetrain.topology import Topology
+from pipetrain.transport import local_workers
+
+pytestmark = pytest.mark.timeout(120)
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def six_stage_config(schedule: str, stages_per_worker: int, num_microbatches: int = 4, steps: int = 4):
+    """The MLP (6 units) as 6 one-unit stages."""
+    cfg = make_config("mlp", 3, schedule, num_microbatches=num_microbatches, steps=steps)
+    cfg.pipeline.balance = [1] * 6
+    cfg.pipeline.stages_per_worker = stages_per_worker
+    cfg.train.batch_size = 4 * num_microbatches
+    return cfg
+
+
+def train_in_process(cfg, run_dir=None):
+    plan, stages = build_stages(cfg)
+    schedule = build_schedule_for(cfg, plan.num_stages)
+    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
+    handles = local_workers(stages, schedule)
+    driver = Driver(cfg, handles, plan, batches, run_dir, print_fn=lambda _: None)
+    losses = driver.train()
+    weights = {name: value for stage in stages for name, value in stage.module.full_state_dict().items()}
+    return losses, weights
+
+
+def assert_same_training(cfg, losses, weights):
+    reference_losses, reference_weights = train_unsplit(cfg)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
+    assert weights.keys() == reference_weights.keys()
+    for name, value in reference_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_topology_maps_ranks_workers_and_stages():
+    topology = Topology((0, 1, 0, 1))
+    assert (topology.num_stages, topology.num_workers, topology.world_size) == (4, 2, 3)
+    assert topology.stages_of(0) == (0, 2) and topology.stages_of(1) == (1, 3)
+    assert [topology.rank_of(w) for w in range(2)] == [1, 2]
+    assert topology.worker_at(2) == 1 and topology.worker_of(3) == 1
+    assert topology.label(1) == "worker 1 (rank 2)"
+    assert topology.device("cpu", 1) == torch.device("cpu")
+    with pytest.raises(ValueError, match="rank 0 runs no worker"):
+        topology.worker_at(0)
+
+
+@pytest.mark.parametrize(
+    "schedule,stages_per_worker,num_microbatches",
+    [
+        ("gpipe", 1, 4),
+        ("1f1b", 1, 4),
+        ("interleaved_1f1b", 2, 4),
+        ("interleaved_1f1b", 2, 6),
+        ("interleaved_1f1b", 3, 4),
+    ],
+    ids=["gpipe-6w", "1f1b-6w", "interleaved-3w-v2", "interleaved-3w-v2-m6", "interleaved-2w-v3"],
+)
+def test_in_process_training_equals_unsplit(schedule, stages_per_worker, num_microbatches):
+    cfg = six_stage_config(schedule, stages_per_worker, num_microbatches)
+    losses, weights = train_in_process(cfg)
+    assert_same_training(cfg, losses, weights)
+
+
+def test_interleaved_on_two_workers_equals_unsplit():
+    cfg = make_config("mlp", 2, "interleaved_1f1b", num_microbatches=4, steps=4)
+    cfg.pipeline.balance = [2, 1, 2, 1]
+    cfg.pipeline.stages_per_worker = 2
+    losses, weights = train_in_process(cfg)
+    assert_same_training(cfg, losses, weights)
+
+
+def test_stages_of_one_worker_hand_over_in_process():
+    """Two consecutive stages on one worker: outputs pass between them without any fetch."""
+    cfg = make_config("mlp", 2, "gpipe", num_microbatches=2, steps=1)
+    _, stages = build_stages(cfg)
+    forward = [Action(s, ActionKind.FORWARD, mb) for s in (0, 1) for mb in (0, 1)]
+    backward = [Action(s, ActionKind.BACKWARD, mb) for s in (1, 0) for mb in (0, 1)]
+    schedule = Schedule(actions=(tuple(forward + backward),), placement=(0, 0), num_microbatches=2)
+    runner = WorkerRunner(0, {0: stages[0], 1: stages[1]}, schedule)
+
+    def no_fetch(worker: int, action: Action):
+        raise AssertionError(f"fetched {action} from worker {worker}")
+
+    runner.connect(no_fetch)
+    inputs, targets = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed).batch(0)
+    micro_inputs, micro_targets = inputs.chunk(2), targets.chunk(2)
+    work = [
+        (
+            a,
+            micro_inputs[a.mb_idx] if a.stage_idx == 0 and a.kind is ActionKind.FORWARD else None,
+            micro_targets[a.mb_idx] if a.stage_idx == 1 and a.kind is ActionKind.FORWARD else None,
+        )
+        for a in schedule[0]
+    ]
+    done = []
+    assert runner.run_actions(1, work, done.append).wait() is None
+    reports = runner.optimizer_step(1).wait()
+    assert [report.stage_idx for report in reports] == [0, 1]
+    assert done[-1] == len(work)
+    reference_losses, reference_weights = train_unsplit(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1))
+    )
+    assert sum(reports[1].losses) == pytest.approx(reference_losses[0], rel=1e-5)
+    for stage in stages:
+        for name, value in stage.module.full_state_dict().items():
+            torch.testing.assert_close(value, reference_weights[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [(("1f1b", 1), ("interleaved_1f1b", 2)), (("interleaved_1f1b", 2), ("1f1b", 1))],
+    ids=["1f1b-to-interleaved", "interleaved-to-1f1b"],
+)
+def test_resume_across_placements_is_exact(tmp_path, first, second):
+    def config(schedule, stages_per_worker, steps=6):
+        cfg = make_config("mlp", 2, schedule, num_microbatches=4, steps=steps)
+        cfg.pipeline.balance = [2, 1, 2, 1]
+        cfg.pipeline.stages_per_worker = stages_per_worker
+        cfg.optim = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.01}
+        cfg.checkpoint.every = 3
+        return cfg
+
+    full_losses, full_weights = train_in_process(config(*first), tmp_path / "full")
+    resumed = config(*second)
+    resumed.checkpoint.resume = str(tmp_path / "full" / "checkpoints" / "step_3")
+    plan, stages = build_stages(resumed)
+    schedule = build_schedule_for(resumed, plan.num_stages)
+    batches = BatchOrder(build_dataset(resumed), resumed.train.batch_size, resumed.seed)
+    driver = Driver(
+        resumed, local_workers(stages, schedule), plan, batches, tmp_path / "resumed", print_fn=lambda _: None
+    )
+    losses = driver.train(start_step=3)
+    assert losses == full_losses[3:]
+    final = merged_model_state(tmp_path / "resumed" / "checkpoints" / "step_6")
+    for name, value in full_weights.items():
+        assert torch.equal(final[name], value), name
+
+
+INTERLEAVED_RUNS = {
+    "2-workers": ["pipeline.balance=[2,1,2,1]"],
+    "3-workers": ["pipeline.balance=[1,1,1,1,1,1]", "pipeline.num_microbatches=6", "train.batch_size=24"],
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("layout", sorted(INTERLEAVED_RUNS))
+def test_rpc_interleaved_training_equals_unsplit(tmp_path, layout):
+    overrides = [
+        "model.hidden=32",
+        "train.batch_size=16",
+        "train.steps=6",
+        "train.log_every=1",
+        "optim=sgd",
+        "optim.lr=0.1",
+        "optim.momentum=0.9",
+        "schedule=interleaved_1f1b",
+        *INTERLEAVED_RUNS[layout],
+    ]
+    result = run_command(
+        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 200, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.output[-4000:]
+    assert "on 2 workers" in result.output or "on 3 workers" in result.output
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    cfg = to_train_config(compose_config(overrides))
+    reference_losses, reference_weights = train_unsplit(cfg)
+    losses = [entry["train/loss"] for entry in logged]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
+    weights = merged_model_state(tmp_path / "checkpoints" / "step_6")
+    for name, value in reference_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    assert {f"worker{k}/busy_s" for k in range(2)} <= logged[-1].keys()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_killed_worker_hosting_two_stages_is_named_with_its_stage_and_action(tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "PIPETRAIN_TEST_MARKERS": str(markers),
+    }
+    args = [
+        sys.executable,
+        "-m",
+        "pipetrain.train",
+        f"run_dir={tmp_path / 'run'}",
+        *slow_model_overrides(delay_s=0.05),
+        "optim=sgd",
+        "schedule=interleaved_1f1b",
+        "pipeline.balance=[2,1,2,1]",
+        "train.batch_size=16",
+        "train.steps=1000",
+        "train.log_every=1000",
+    ]
+    run = Launched(args, cwd=tmp_path, env=env)
+    marker = markers / "rank2"
+    deadline = time.monotonic() + 60
+    while not (marker.exists() and marker.read_text().startswith("backward ")):
+        assert run.process.poll() is None and time.monotonic() < deadline, "worker 1 never ran a backward"
+        time.sleep(0.005)
+    time.sleep(0.02)
+    os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    result = run.finish(timeout=60)
+    assert time.monotonic() - killed_at < 10
+    assert result.returncode != 0
+    pattern = (
+        r"run stopped in step \d+: worker 1 \(rank 2\) failed during action ([13])B\d+ \(stage \1\)"
+        ".*lost the connection"
+    )
+    assert re.search(pattern, result.output), result.output[-3000:]
