@@ -80,7 +80,7 @@ class LogConfig:
 
 @dataclass(kw_only=True)
 class RpcConfig:
-    """The RPC transport between driver and stage workers."""
+    """The RPC transport between the driver and the workers."""
 
     timeout_s: float = 60.0
     """Seconds an RPC may take before the driver declares its stage stuck and stops the run."""

@@ -1,7 +1,7 @@
 """The driver: data -> micro-batches -> executor -> optimizer steps -> metrics.
 
 It works on :class:`~pipetrain.transport.handle.WorkerHandle`s, so the same loop drives workers in this
-process (tests, debugging) and stage workers over RPC.
+process (tests, debugging) and worker processes over RPC.
 """
 
 from __future__ import annotations

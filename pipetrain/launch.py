@@ -41,7 +41,7 @@ def free_loopback_port() -> int:
 
 
 def torchrun_command(num_processes: int, worker_args: Sequence[str], port: int, log_dir: Path) -> list[str]:
-    """torchrun for one driver plus ``num_processes - 1`` stage workers; only rank 0 reaches the console."""
+    """torchrun for one driver plus ``num_processes - 1`` workers; only rank 0 reaches the console."""
     return [
         sys.executable,
         "-m",

@@ -76,7 +76,7 @@ def stage_plan(cfg: TrainConfig) -> StagePlan:
 def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
     """Every check of :func:`check_settings`, plus the stage split, schedule and data; return the plan.
 
-    ``check_data=False`` skips building the dataset (stage workers never read it).
+    ``check_data=False`` skips building the dataset.
     """
     check_settings(cfg)
     with torch.device("meta"):

@@ -89,7 +89,7 @@ def _compose_and_write(overrides: list[str]):
 
 
 def _handle_signals(is_driver: bool) -> None:
-    """Ctrl-C is the driver's to handle: it finishes the step and saves; stage workers ignore it."""
+    """Ctrl-C is the driver's to handle: it finishes the step and saves; the workers ignore it."""
     if not is_driver:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         return

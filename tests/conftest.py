@@ -10,12 +10,15 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+import torch
 
-from pipetrain.build import build_dataset, build_model
+from pipetrain.build import build_dataset, build_model, build_schedule_for, build_stages
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
+from pipetrain.driver import Driver
 from pipetrain.losses import get_loss
 from pipetrain.targets import call_target
+from pipetrain.transport import local_workers
 
 MODEL_SPECS = {
     "mlp": {
@@ -113,6 +116,28 @@ def train_unsplit(cfg):
         optimizer.step()
         losses.append(loss.item())
     return losses, model.state_dict()
+
+
+def train_pipelined(cfg, run_dir=None, start_step: int = 0, print_fn=None):
+    """Train ``cfg`` through in-process workers (the real runner, on threads); return the losses of the
+    steps run and the final parameters and buffers under their full-model names."""
+    plan, stages = build_stages(cfg)
+    schedule = build_schedule_for(cfg, plan.num_stages)
+    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
+    handles = local_workers(stages, schedule)
+    driver = Driver(cfg, handles, plan, batches, run_dir, print_fn=print_fn or (lambda _: None))
+    losses = driver.train(start_step=start_step)
+    return losses, {name: value for stage in stages for name, value in stage.module.full_state_dict().items()}
+
+
+def assert_same_training(losses, state, reference_losses, reference_state) -> None:
+    """Per-step losses and every parameter and buffer equal the reference's to 1e-5."""
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
+    assert state.keys() == reference_state.keys()
+    for name, value in reference_state.items():
+        torch.testing.assert_close(
+            state[name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.fixture

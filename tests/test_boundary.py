@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config, run_command, train_unsplit
+from conftest import assert_same_training, make_config, run_command, train_pipelined, train_unsplit
 from nested_parts import make_model
-from test_pipeline_equivalence import train_pipelined
 from torch import nn
 
 from pipetrain import boundary
@@ -205,14 +204,8 @@ def nested_config(style: str, balance: list[int], schedule: str, steps: int = 10
 
 
 def assert_pipelined_equals_unsplit(cfg) -> None:
-    reference_losses, reference_weights = train_unsplit(cfg)
     losses, weights = train_pipelined(cfg)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
-    assert weights.keys() == reference_weights.keys()
-    for name, value in reference_weights.items():
-        torch.testing.assert_close(
-            weights[name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
+    assert_same_training(losses, weights, *train_unsplit(cfg))
     assert losses[-1] < losses[0], "training should make progress on the synthetic task"
 
 

@@ -17,18 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Launched, make_config, run_command, train_unsplit
+from conftest import Launched, assert_same_training, make_config, run_command, train_pipelined, train_unsplit
 from slow_parts import slow_model_overrides
 
-from pipetrain.build import build_dataset, build_schedule_for, build_stages
+from pipetrain.build import build_dataset, build_stages
 from pipetrain.checkpoint import merged_model_state
 from pipetrain.compose import compose_config, to_train_config
 from pipetrain.data import BatchOrder
-from pipetrain.driver import Driver
 from pipetrain.runner import WorkerRunner
 from pipetrain.schedule import Action, ActionKind, Schedule
 from pipetrain.topology import Topology
-from pipetrain.transport import local_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,25 +40,6 @@ def six_stage_config(schedule: str, stages_per_worker: int, num_microbatches: in
     cfg.pipeline.stages_per_worker = stages_per_worker
     cfg.train.batch_size = 4 * num_microbatches
     return cfg
-
-
-def train_in_process(cfg, run_dir=None):
-    plan, stages = build_stages(cfg)
-    schedule = build_schedule_for(cfg, plan.num_stages)
-    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    handles = local_workers(stages, schedule)
-    driver = Driver(cfg, handles, plan, batches, run_dir, print_fn=lambda _: None)
-    losses = driver.train()
-    weights = {name: value for stage in stages for name, value in stage.module.full_state_dict().items()}
-    return losses, weights
-
-
-def assert_same_training(cfg, losses, weights):
-    reference_losses, reference_weights = train_unsplit(cfg)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
-    assert weights.keys() == reference_weights.keys()
-    for name, value in reference_weights.items():
-        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_topology_maps_ranks_workers_and_stages():
@@ -88,16 +67,14 @@ def test_topology_maps_ranks_workers_and_stages():
 )
 def test_in_process_training_equals_unsplit(schedule, stages_per_worker, num_microbatches):
     cfg = six_stage_config(schedule, stages_per_worker, num_microbatches)
-    losses, weights = train_in_process(cfg)
-    assert_same_training(cfg, losses, weights)
+    assert_same_training(*train_pipelined(cfg), *train_unsplit(cfg))
 
 
 def test_interleaved_on_two_workers_equals_unsplit():
     cfg = make_config("mlp", 2, "interleaved_1f1b", num_microbatches=4, steps=4)
     cfg.pipeline.balance = [2, 1, 2, 1]
     cfg.pipeline.stages_per_worker = 2
-    losses, weights = train_in_process(cfg)
-    assert_same_training(cfg, losses, weights)
+    assert_same_training(*train_pipelined(cfg), *train_unsplit(cfg))
 
 
 def test_stages_of_one_worker_hand_over_in_process():
@@ -151,16 +128,10 @@ def test_resume_across_placements_is_exact(tmp_path, first, second):
         cfg.checkpoint.every = 3
         return cfg
 
-    full_losses, full_weights = train_in_process(config(*first), tmp_path / "full")
+    full_losses, full_weights = train_pipelined(config(*first), tmp_path / "full")
     resumed = config(*second)
     resumed.checkpoint.resume = str(tmp_path / "full" / "checkpoints" / "step_3")
-    plan, stages = build_stages(resumed)
-    schedule = build_schedule_for(resumed, plan.num_stages)
-    batches = BatchOrder(build_dataset(resumed), resumed.train.batch_size, resumed.seed)
-    driver = Driver(
-        resumed, local_workers(stages, schedule), plan, batches, tmp_path / "resumed", print_fn=lambda _: None
-    )
-    losses = driver.train(start_step=3)
+    losses, _ = train_pipelined(resumed, tmp_path / "resumed", start_step=3)
     assert losses == full_losses[3:]
     final = merged_model_state(tmp_path / "resumed" / "checkpoints" / "step_6")
     for name, value in full_weights.items():

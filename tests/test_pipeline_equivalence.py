@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from conftest import make_config, train_unsplit
+from conftest import assert_same_training, make_config, train_pipelined, train_unsplit
 
 from pipetrain.build import build_dataset, build_schedule_for, build_stages
 from pipetrain.compose import compose_config
@@ -13,30 +12,13 @@ from pipetrain.driver import Driver
 from pipetrain.transport import local_workers
 
 
-def train_pipelined(cfg):
-    plan, stages = build_stages(cfg)
-    handles = local_workers(stages, build_schedule_for(cfg, plan.num_stages))
-    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    losses = Driver(cfg, handles, plan, batches, print_fn=lambda line: None).train()
-    weights = {}
-    for stage in stages:
-        weights.update(stage.module.full_state_dict())
-    return losses, weights
-
-
 @pytest.mark.parametrize("model", ["mlp", "gpt"])
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("num_stages", [1, 2, 3, 4])
 def test_pipelined_training_equals_unsplit(model, schedule, num_stages):
     cfg = make_config(model, num_stages, schedule, num_microbatches=4, steps=10)
-    reference_losses, reference_weights = train_unsplit(cfg)
     losses, weights = train_pipelined(cfg)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
-    assert weights.keys() == reference_weights.keys()
-    for name, value in reference_weights.items():
-        torch.testing.assert_close(
-            weights[name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
-        )
+    assert_same_training(losses, weights, *train_unsplit(cfg))
     assert losses[-1] < losses[0], "training should make progress on the synthetic task"
 
 
@@ -46,11 +28,7 @@ def test_pipelined_training_with_the_default_optimizer_equals_unsplit(schedule):
     cfg = make_config("mlp", 2, schedule, num_microbatches=4, steps=10)
     cfg.optim = dict(compose_config(["optim=adamw"]).optim)
     assert cfg.optim["fused"] is True
-    reference_losses, reference_weights = train_unsplit(cfg)
-    losses, weights = train_pipelined(cfg)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
-    for name, value in reference_weights.items():
-        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5)
+    assert_same_training(*train_pipelined(cfg), *train_unsplit(cfg))
 
 
 def test_logged_run_writes_scalars(tmp_path):
