@@ -76,6 +76,9 @@ class LogConfig:
 
     trace_every: int = 0
     """Write a Chrome trace of one step every this many steps (``0``: only the last step)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """Steps (1-based) to run under ``torch.profiler`` on every worker; each writes
+    ``traces/profile_step<N>.json`` (operators inside pipetrain's timeline) and ``.txt`` (a summary)."""
 
 
 @dataclass(kw_only=True)

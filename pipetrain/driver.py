@@ -37,6 +37,7 @@ from pipetrain.failures import RunStopped, StageFailure, interrupt_requested, st
 from pipetrain.loader import DataError, step_batches
 from pipetrain.metrics import MetricsLogger, StepMetrics, format_progress, step_metrics
 from pipetrain.partition import StagePlan
+from pipetrain.profiling import merge_trace, request_profile, summarize, write_profile
 from pipetrain.schedule import Schedule
 from pipetrain.timings import StageReport
 from pipetrain.transport.handle import WorkerHandle
@@ -58,6 +59,8 @@ class StepResult:
     so loading the batch, logging and checkpoints count too)."""
     data_time_s: float = 0.0
     """Time the driver waited for the step's batch."""
+    started_at: float = 0.0
+    """The driver's wall clock when it began the step's execution (``ts`` 0 of the step's profile)."""
 
 
 def split_microbatches(
@@ -84,13 +87,18 @@ def run_step(
     targets: torch.Tensor,
     num_microbatches: int,
     timeout_s: float | None = None,
+    profile: bool = False,
 ) -> StepResult:
-    """One optimizer step: every action of ``schedule``, and each stage's optimizer step after its own."""
+    """One optimizer step: every action of ``schedule``, and each stage's optimizer step after its own.
+
+    With ``profile``, every worker runs it under ``torch.profiler`` (:mod:`pipetrain.profiling`).
+    """
     start = time.time()
     micro_inputs, micro_targets = split_microbatches(inputs, targets, num_microbatches)
-    executed = execute(schedule, handles, micro_inputs, micro_targets, timeout_s=timeout_s)
+    executed = execute(schedule, handles, micro_inputs, micro_targets, timeout_s=timeout_s, profile=profile)
     loss = sum(executed.reports[-1].losses)
-    return StepResult(loss, executed.reports, executed.actions_done_at - start, time.time() - start)
+    window_s = executed.actions_done_at - start
+    return StepResult(loss, executed.reports, window_s, time.time() - start, started_at=start)
 
 
 class Driver:
@@ -146,6 +154,7 @@ class Driver:
                         targets,
                         cfg.pipeline.num_microbatches,
                         timeout_s=cfg.rpc.timeout_s,
+                        profile=step + 1 in cfg.log.profile_steps,
                     )
                 losses.append(result.loss)
                 step_end = time.time()
@@ -205,10 +214,29 @@ class Driver:
         trace_due = cfg.log.trace_every and steps_done % cfg.log.trace_every == 0
         if self.logger is not None and (trace_due or is_last):
             self.logger.write_trace(steps_done, result.reports, self.schedule.placement)
+        if steps_done in cfg.log.profile_steps:
+            self._write_profile(steps_done, result)
         checkpoint_due = cfg.checkpoint.every and steps_done % cfg.checkpoint.every == 0
         if self.run_dir is not None and (checkpoint_due or (is_last and cfg.checkpoint.at_end)):
             self.save_checkpoint(steps_done)
         return metrics
+
+    def _write_profile(self, step: int, result: StepResult) -> None:
+        """Collect the workers' profiles of ``step``, merge them with its spans; print and write them."""
+        with _naming_step(step):
+            replies = [(h.label, "profile collection", request_profile(h)) for h in self.handles]
+            profiles = wait_all(replies, self.cfg.rpc.timeout_s, self._stage_labels())
+        document = merge_trace(result.reports, self.schedule.placement, profiles, result.started_at, step)
+        summary = summarize(document)
+        self.print_fn(summary)
+        if self.run_dir is not None:
+            path = write_profile(self.run_dir / "traces", step, document, summary)
+            self.print_fn(f"pipetrain: profile of step {step}: {path} (open it in https://ui.perfetto.dev)")
+
+    def _stage_labels(self) -> dict[int, str]:
+        """Stage index -> the label of the worker hosting it (how failures name a stage's worker)."""
+        worker_labels = {h.worker_idx: h.label for h in self.handles}
+        return {idx: worker_labels[self.schedule.worker_of(idx)] for idx in range(self.plan.num_stages)}
 
     def save_checkpoint(self, step: int) -> Path:
         """Every stage writes its file in parallel; the checkpoint is committed once all are written.
@@ -225,9 +253,9 @@ class Driver:
             (h.label, "checkpoint save", h.call_each_stage(save_stage, str(directory), step))
             for h in self.handles
         ]
-        worker_labels = {h.worker_idx: h.label for h in self.handles}
-        labels = {idx: worker_labels[self.schedule.worker_of(idx)] for idx in range(self.plan.num_stages)}
-        wait_all(saves, self.cfg.rpc.timeout_s, labels, progress=lambda: written_bytes(directory))
+        wait_all(
+            saves, self.cfg.rpc.timeout_s, self._stage_labels(), progress=lambda: written_bytes(directory)
+        )
         manifest = {
             "step": step,
             "num_stages": self.plan.num_stages,

@@ -44,10 +44,12 @@ def execute(
     inputs: Sequence[Any],
     targets: Sequence[Any],
     timeout_s: float | None = None,
+    profile: bool = False,
 ) -> ExecutedStep:
     """Run every action of ``schedule``, then every stage's optimizer step; wait until all are done.
 
     ``inputs[mb]`` goes to stage 0's forward of micro-batch ``mb``, ``targets[mb]`` to the last stage's.
+    With ``profile``, every worker runs the step under ``torch.profiler`` (:mod:`pipetrain.profiling`).
     Raises :class:`StageFailure` for the first action or step to fail, or when nothing completes for
     ``timeout_s`` seconds.
     """
@@ -67,7 +69,7 @@ def execute(
             )
             for action in schedule[handle.worker_idx]
         ]
-        done.update(zip(schedule[handle.worker_idx], handle.submit(work), strict=True))
+        done.update(zip(schedule[handle.worker_idx], handle.submit(work, profile), strict=True))
     issued = [(action, done[action]) for action in order]
     actions_done_at = torch.futures.collect_all([future for _, future in issued]).then(lambda _: time.time())
     steps = [(handle.worker_idx, handle.optimizer_step()) for handle in handles]

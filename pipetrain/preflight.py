@@ -39,6 +39,7 @@ def check_settings(cfg: TrainConfig) -> None:
     _at_least(cfg.train.batch_size, 1, "train.batch_size")
     _at_least(cfg.train.log_every, 1, "train.log_every")
     _at_least(cfg.log.trace_every, 0, "log.trace_every")
+    _check_profile_steps(cfg.log.profile_steps, cfg.train.steps)
     _at_least(cfg.checkpoint.every, 0, "checkpoint.every")
     _at_least(cfg.checkpoint.keep_last, 0, "checkpoint.keep_last")
     _at_least(cfg.rpc.num_worker_threads, 1, "rpc.num_worker_threads")
@@ -149,6 +150,16 @@ def _check_shapes(cfg: TrainConfig, model: torch.nn.Module, dataset) -> None:
             f"{tuple(targets.shape[1:])} does not fit model {cfg.model['_target_']} and train.loss="
             f"{cfg.train.loss} ({error}); pick a data / model pair that matches"
         ) from None
+
+
+def _check_profile_steps(steps: list[int], num_steps: int) -> None:
+    """Every profiled step is one the run takes: an integer within ``1..train.steps``."""
+    for step in steps:
+        if isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= num_steps:
+            raise ValueError(
+                f"log.profile_steps: step {step!r} is not within 1..train.steps={num_steps}; name steps the "
+                f"run takes, e.g. log.profile_steps=[{min(num_steps, 5)}]"
+            )
 
 
 def _at_least(value: int, minimum: int, key: str) -> None:

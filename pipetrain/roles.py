@@ -13,6 +13,7 @@ from pipetrain.driver import Driver
 from pipetrain.failures import RunStopped, StageError, StageFailure
 from pipetrain.loader import DataError
 from pipetrain.partition import StagePlan
+from pipetrain.profiling import warm_up as warm_up_profiler
 from pipetrain.run_dir import DRIVER_PID_FILE
 from pipetrain.topology import Topology
 from pipetrain.transport.rpc import DRIVER_NAME, init_rpc, shutdown_rpc, start_workers, worker_name
@@ -72,6 +73,8 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
 
 def serve_worker(cfg: TrainConfig, rank: int, world_size: int) -> int:
     """Rank ``w + 1``: serve as worker ``w`` until the driver is done (the driver builds its stages here)."""
+    if cfg.log.profile_steps:
+        warm_up_profiler()
     init_rpc(worker_name(rank - 1), rank, world_size, cfg.rpc)
     shutdown_rpc(graceful=True)
     return 0

@@ -11,6 +11,11 @@ The optimizer step is a phase of its own: the driver asks for it (:meth:`WorkerR
 after sending the actions, and each stage steps as soon as its own actions are done and the request is
 there, so a stage that finishes early steps while the others drain.
 
+A step can run under ``torch.profiler`` (:mod:`pipetrain.profiling`): the profiler starts on the compute
+thread before the step's first action and stops after its last optimizer step, and actions, waits for
+inputs and optimizer steps run under ``record_function`` scopes named for them. Other steps make no
+profiler call at all.
+
 Errors travel as values (:class:`~pipetrain.failures.StageError`): every future a runner hands out
 carries either its result or the error that stopped it, so nothing waits forever on a failed worker.
 """
@@ -22,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +35,7 @@ import torch
 
 from pipetrain import boundary
 from pipetrain.failures import StageError
+from pipetrain.profiling import StepProfiler, WorkerProfile
 from pipetrain.schedule import Action, ActionKind, Schedule, input_dependency, output_consumer
 from pipetrain.stage import Stage
 from pipetrain.timings import SpanCategory, StageReport
@@ -42,6 +49,8 @@ RemoteFetch = Callable[[int, Action], torch.futures.Future]
 """``fetch(worker_idx, action)``: a future of ``(output, produced_at)`` of ``action`` on another worker."""
 
 _LOCAL = object()
+_NOT_PROFILED = nullcontext()
+"""The scope of an action, a wait or an optimizer step when the step is not profiled."""
 
 
 def completed(value: Any) -> torch.futures.Future:
@@ -93,16 +102,21 @@ class WorkerRunner:
         self._lock = threading.Lock()
         self._outbox: dict[Action, torch.futures.Future] = {}
         self._steps: dict[int, _StepState] = {}
+        self._profiler: StepProfiler | None = None
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker{worker_idx}")
 
     def connect(self, fetch_remote: RemoteFetch) -> None:
         """How this worker pulls the outputs of other workers' actions."""
         self._fetch_remote = fetch_remote
 
-    def run_actions(self, step_id: int, work: Work, progress: Callable[[int], None]) -> torch.futures.Future:
+    def run_actions(
+        self, step_id: int, work: Work, progress: Callable[[int], None], profile: bool = False
+    ) -> torch.futures.Future:
         """Start the step's actions; the future completes (``None``, or the error) when all have run.
 
-        ``progress(n)`` is called from the compute thread each time the first ``n`` actions are done.
+        ``progress(n)`` is called from the compute thread each time the first ``n`` actions are done. With
+        ``profile``, the step runs under ``torch.profiler`` until its optimizer steps are done; then
+        :meth:`collect_profile` hands the profile out.
         """
         actions = tuple(action for action, _, _ in work)
         if actions != self._order:
@@ -113,7 +127,11 @@ class WorkerRunner:
         received = time.time()
         arrivals = [self._arrival(action, value) for action, value, _ in work]
         done: torch.futures.Future = torch.futures.Future()
-        self._compute.submit(self._run, self._step(step_id), work, arrivals, received, progress, done)
+        devices = [stage.device for stage in self.stages.values()]
+        profiler = StepProfiler(self.worker_idx, devices) if profile else None
+        self._compute.submit(
+            self._run, self._step(step_id), work, arrivals, received, progress, done, profiler
+        )
         return done
 
     def optimizer_step(self, step_id: int) -> torch.futures.Future:
@@ -136,6 +154,14 @@ class WorkerRunner:
             return result_or_error(done)
 
         return future.then(_release)
+
+    def collect_profile(self) -> WorkerProfile:
+        """The profile of this worker's last profiled step (each profile is handed out once)."""
+        with self._lock:
+            profiler, self._profiler = self._profiler, None
+        if profiler is None:
+            raise RuntimeError(f"worker {self.worker_idx}: no profiled step to collect")
+        return profiler.export()
 
     def each_stage(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         """``fn(stage, *args)`` for every stage of this worker, in stage order."""
@@ -174,6 +200,7 @@ class WorkerRunner:
         received: float,
         progress: Callable[[int], None],
         done: torch.futures.Future,
+        profiler: StepProfiler | None = None,
     ) -> None:
         """The step on the compute thread (waiting here for an input blocks no transport thread)."""
         remaining = Counter(action.stage_idx for action, _, _ in work)
@@ -182,29 +209,40 @@ class WorkerRunner:
         free_at = received
         position, failed_stage, running = 0, min(self.stages), "optimizer step"
         try:
+            if profiler is not None:
+                failed_stage, running = min(self.stages), "starting the profiler"
+                profiler.start()
             for position, ((action, _, target), arrival) in enumerate(zip(work, arrivals, strict=True)):
                 failed_stage, running = action.stage_idx, _what(action)
                 if arrival is _LOCAL:
                     value = local_outputs.pop(input_dependency(action, self.schedule))
                 else:
-                    value, produced_at, arrived_at = _result(arrival)
+                    value, produced_at, arrived_at = self._await_input(action, arrival, profiler)
                     self._record_idle(action, free_at, produced_at, arrived_at)
-                output = self._dispatch(action, value, target)
+                with _NOT_PROFILED if profiler is None else profiler.action(action):
+                    output = self._dispatch(action, value, target)
                 self._hand_over(action, output, local_outputs)
                 free_at = time.time()
                 progress(position + 1)
                 remaining[action.stage_idx] -= 1
                 if remaining[action.stage_idx] == 0 and state.step_requested.done():
                     failed_stage, running = action.stage_idx, "optimizer step"
-                    reports[action.stage_idx] = self.stages[action.stage_idx].step()
+                    reports[action.stage_idx] = self._step_stage(action.stage_idx, profiler)
             position = len(work)
             done.set_result(None)
             state.step_requested.wait()
             for stage_idx in sorted(self.stages):
                 if stage_idx not in reports:
                     failed_stage, running = stage_idx, "optimizer step"
-                    reports[stage_idx] = self.stages[stage_idx].step()
+                    reports[stage_idx] = self._step_stage(stage_idx, profiler)
+            if profiler is not None:
+                running = "stopping the profiler"
+                profiler.stop()
+                with self._lock:
+                    self._profiler = profiler
         except Exception as error:  # every waiter learns of the failure, nothing waits forever
+            if profiler is not None:
+                profiler.discard()
             failure = StageError.wrap(error, failed_stage, running)
             self._fail_outbox(work[position:], failure)
             if not done.done():
@@ -214,6 +252,24 @@ class WorkerRunner:
         with self._lock:
             self._steps = {key: value for key, value in self._steps.items() if value is not state}
         state.reports.set_result([reports[idx] for idx in sorted(reports)])
+
+    def _await_input(
+        self, action: Action, arrival: torch.futures.Future, profiler: StepProfiler | None
+    ) -> Any:
+        """``(input, produced_at, arrived_at)`` of ``action`` once there (from a worker or the driver)."""
+        producer = input_dependency(action, self.schedule)
+        if profiler is None or producer is None:  # no producer: a micro-batch the driver sent with the step
+            return _result(arrival)
+        producer_worker = self.schedule.worker_of(producer.stage_idx)
+        with profiler.wait(action, producer_worker):
+            value, produced_at, arrived_at = _result(arrival)
+        profiler.received(action, producer_worker, produced_at, arrived_at)
+        return value, produced_at, arrived_at
+
+    def _step_stage(self, stage_idx: int, profiler: StepProfiler | None) -> StageReport:
+        """Step stage ``stage_idx``'s optimizer; its report."""
+        with _NOT_PROFILED if profiler is None else profiler.optimizer_step(stage_idx):
+            return self.stages[stage_idx].step()
 
     def _dispatch(self, action: Action, value: Any, target: Any) -> Any:
         """Run ``action`` on its stage: the one place that maps action kinds to stage methods."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipetrain.timings import SpanCategory, StageReport
 
-__all__ = ["CATEGORY_TIDS", "chrome_trace_events", "write_chrome_trace"]
+__all__ = ["CATEGORY_TIDS", "chrome_trace_events", "write_chrome_trace", "write_trace_document"]
 
 CATEGORY_TIDS: dict[SpanCategory, int] = {category: tid for tid, category in enumerate(SpanCategory)}
 """Thread id of each span category inside a stage's process (fixed across stages and steps)."""
@@ -85,17 +85,25 @@ def write_chrome_trace(
     """Write ``reports`` as a Chrome Trace Event Format JSON file at ``path``, atomically.
 
     The document is ``{"traceEvents": [...], "displayTimeUnit": "ms"}`` (plus ``"otherData"``
-    when ``metadata`` is given). It is written to a temporary file in the same directory and
-    moved into place with :func:`os.replace`, so readers never see a partial file.
+    when ``metadata`` is given), written by :func:`write_trace_document`.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {
         "traceEvents": chrome_trace_events(reports, origin, placement),
         "displayTimeUnit": "ms",
     }
     if metadata:
         document["otherData"] = dict(metadata)
+    write_trace_document(path, document)
+
+
+def write_trace_document(path: Path | str, document: Mapping[str, Any]) -> None:
+    """Write a Chrome trace ``document`` (``{"traceEvents": [...], ...}``) as JSON at ``path``, atomically.
+
+    It is written to a temporary file in the same directory and moved into place with :func:`os.replace`,
+    so readers never see a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:

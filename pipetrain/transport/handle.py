@@ -3,6 +3,10 @@
 Two phases per step: :meth:`WorkerHandle.submit` hands the worker its actions (it runs them as their
 inputs arrive), :meth:`WorkerHandle.optimizer_step` asks it to step its stages' optimizers once their
 actions are done. Between the two, a later reduction across stages or replicas has its place.
+
+Profiling (:mod:`pipetrain.profiling`) adds one flag and one request: ``submit(work, profile=True)`` runs
+the step under ``torch.profiler`` on the worker, and :meth:`WorkerHandle.collect_profile`, sent after that
+step's optimizer step has answered, returns the worker's profile as plain data.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ class WorkerHandle(Protocol):
         """How errors name this worker, e.g. ``"worker 1 (rank 2)"``."""
         ...
 
-    def submit(self, work: Work) -> list[torch.futures.Future]:
-        """Hand the worker its actions of the next step; one future per action, done when it has run."""
+    def submit(self, work: Work, profile: bool = False) -> list[torch.futures.Future]:
+        """Hand the worker its actions of the next step; one future per action, done when it has run.
+
+        With ``profile``, the worker runs the step (its optimizer steps included) under ``torch.profiler``.
+        """
         ...
 
     def optimizer_step(self) -> torch.futures.Future:
@@ -41,6 +48,13 @@ class WorkerHandle(Protocol):
 
     def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
         """Run ``fn(stage, *args)`` for each stage of the worker, where it lives (``fn``: importable)."""
+        ...
+
+    def collect_profile(self) -> torch.futures.Future:
+        """The worker's :class:`~pipetrain.profiling.WorkerProfile` of its last profiled step, or the error.
+
+        Sent once the profiled step's optimizer step has answered; each profile is handed out once.
+        """
         ...
 
 

@@ -34,13 +34,17 @@ class LocalWorkerHandle:
         """``"worker <k> (in-process)"``."""
         return f"worker {self.worker_idx} (in-process)"
 
-    def submit(self, work: Work) -> list[torch.futures.Future]:
-        """Start the actions on the worker's compute thread."""
+    def submit(self, work: Work, profile: bool = False) -> list[torch.futures.Future]:
+        """Start the actions on the worker's compute thread (under ``torch.profiler`` with ``profile``).
+
+        torch.profiler profiles one worker per process at a time: a step profiled on several in-process
+        workers fails on all but one of them.
+        """
         self._steps_sent += 1
         done = [torch.futures.Future() for _ in work]
         tracker = ProgressTracker(self._steps_sent, done)
         try:
-            finished = self.runner.run_actions(self._steps_sent, work, tracker.advance)
+            finished = self.runner.run_actions(self._steps_sent, work, tracker.advance, profile)
         except Exception as error:
             finished = completed(StageError.wrap(error, min(self.runner.stages), "step request"))
         finished.add_done_callback(tracker.finish)
@@ -57,6 +61,13 @@ class LocalWorkerHandle:
         except Exception as error:
             name = getattr(fn, "__name__", "request")
             return completed(StageError.wrap(error, min(self.runner.stages), name))
+
+    def collect_profile(self) -> torch.futures.Future:
+        """The worker's profile of its last profiled step."""
+        try:
+            return completed(self.runner.collect_profile())
+        except Exception as error:
+            return completed(StageError.wrap(error, min(self.runner.stages), "profile collection"))
 
 
 def local_workers(stages: Sequence[Stage], schedule: Schedule) -> list[LocalWorkerHandle]:

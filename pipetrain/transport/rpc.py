@@ -97,13 +97,15 @@ class RpcRunner:
         return None
 
     @rpc.functions.async_execution
-    def run_actions(self, step_id: int, work: list[tuple[str, Any, Any]]) -> torch.futures.Future:
-        """Run the step's actions (text form); reports progress to the board as they complete."""
+    def run_actions(
+        self, step_id: int, work: list[tuple[str, Any, Any]], profile: bool = False
+    ) -> torch.futures.Future:
+        """Run the step's actions (text form), profiled with ``profile``; reports progress to the board."""
         runner = self._started()
         sender = _ProgressSender(self._board, self.worker_idx, step_id)
         try:
             parsed = [(Action.parse(text), value, target) for text, value, target in work]
-            return runner.run_actions(step_id, parsed, sender.advance)
+            return runner.run_actions(step_id, parsed, sender.advance, profile)
         except Exception as error:
             return completed(StageError.wrap(error, min(runner.stages), "step request"))
 
@@ -124,6 +126,14 @@ class RpcRunner:
             return runner.each_stage(fn, *args)
         except Exception as error:
             return StageError.wrap(error, min(runner.stages), getattr(fn, "__name__", "request"))
+
+    def collect_profile(self) -> Any:
+        """The worker's profile of its last profiled step (a ``WorkerProfile``), or the error as a value."""
+        runner = self._started()
+        try:
+            return runner.collect_profile()
+        except Exception as error:
+            return StageError.wrap(error, min(runner.stages), "profile collection")
 
     def _started(self) -> WorkerRunner:
         if self._runner is None:
@@ -203,14 +213,14 @@ class RpcWorkerHandle:
         """``"worker <k> (rank <r>)"``."""
         return f"worker {self.worker_idx} (rank {self.rank})"
 
-    def submit(self, work: Work) -> list[torch.futures.Future]:
+    def submit(self, work: Work, profile: bool = False) -> list[torch.futures.Future]:
         """Send the step's actions in one request; the worker's progress reports complete their futures."""
         self._steps_sent += 1
         done = [torch.futures.Future() for _ in work]
         tracker = ProgressTracker(self._steps_sent, done)
         self._board.track(self.worker_idx, tracker)
         texts = [(str(action), value, target) for action, value, target in work]
-        reply = self._runner.rpc_async(timeout=_NO_DEADLINE).run_actions(self._steps_sent, texts)
+        reply = self._runner.rpc_async(timeout=_NO_DEADLINE).run_actions(self._steps_sent, texts, profile)
         reply.add_done_callback(tracker.finish)
         return done
 
@@ -221,6 +231,10 @@ class RpcWorkerHandle:
     def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
         """Run ``fn(stage, *args)`` for each stage on the worker (checkpoint saves and the like)."""
         return self._runner.rpc_async(timeout=_NO_DEADLINE).call_each_stage(fn, *args)
+
+    def collect_profile(self) -> torch.futures.Future:
+        """Fetch the worker's profile of its last profiled step."""
+        return self._runner.rpc_async(timeout=_NO_DEADLINE).collect_profile()
 
 
 def start_workers(
