@@ -1,44 +1,45 @@
 """torch.distributed.pipelining reference run for ``scripts/bench.py``: pipetrain's stages on gloo.
 
-Launched by ``scripts/bench.py`` once per configuration, one process per stage::
+Launched by ``scripts/bench.py`` once per configuration, one process per worker::
 
     python -m torch.distributed.run --nnodes=1 --nproc-per-node=2 --master-addr=127.0.0.1 \\
-        --master-port=29517 scripts/pipelining_baseline.py --schedule 1f1b --microbatches 4 \\
-        --steps 12 --warmup 3 --out /tmp/pipelining.json -- \\
-        model.hidden=1536 train.batch_size=384 pipeline.stages=null pipeline.balance=[3,3] device=cpu
+        --master-port=29517 scripts/pipelining_baseline.py --steps 12 --run-dir /tmp/pp -- \\
+        model.hidden=1536 train.batch_size=384 device=cpu pipeline.stages=null \\
+        pipeline.balance=[2,1,1,2] schedule=interleaved_1f1b pipeline.stages_per_worker=2 \\
+        pipeline.num_microbatches=8
 
 Everything after ``--`` is a pipetrain Hydra override list, composed exactly as ``python -m pipetrain.train``
-composes it, so the model, its initialisation (seed), the data, the batch order, the loss and the optimizer
-are pipetrain's. Rank ``k`` builds the full model with :func:`pipetrain.build.build_model`, keeps stage ``k``
-of :func:`pipetrain.partition.partition` (the same units per stage as pipetrain), wraps it in
-``torch.distributed.pipelining.PipelineStage`` and runs ``ScheduleGPipe`` or ``Schedule1F1B`` with the loss
-on the last stage (``scale_grads=True``: gradients are the batch mean, as pipetrain's ``1/m`` loss scale
-gives). Every rank then steps its own optimizer.
+composes it, so the model, its initialisation (seed), the data, the batch order, the loss, the optimizer,
+the split, the schedule and the micro-batch count are pipetrain's. pipetrain's schedule of that name places
+the stages on the ranks (:class:`pipetrain.topology.Topology`: rank ``r`` hosts what worker ``r`` would).
+Each rank builds the full model with :func:`pipetrain.build.build_model`, keeps its stages of
+:func:`pipetrain.partition.partition`, wraps each in ``torch.distributed.pipelining.PipelineStage`` and runs
+``ScheduleGPipe``, ``Schedule1F1B`` or ``ScheduleInterleaved1F1B`` with the loss on the last stage
+(``scale_grads=True``: gradients are the batch mean, as pipetrain's ``1/m`` loss scale gives). Every stage
+then steps its own optimizer, as in pipetrain.
 
 Per step and rank it measures, with ``time.perf_counter``:
 
 * ``window``: ``schedule.step(...)`` (all forwards, backwards and point-to-point transfers), after a
   ``dist.barrier()`` that lines the ranks up;
-* ``step``: the window plus ``optimizer.step()`` and ``zero_grad()``;
-* the duration of every ``forward_one_chunk`` (plus the loss on the last stage) and ``backward_one_chunk``
-  of the stage: the stage's compute, as pipetrain's COMPUTE spans measure it;
-* the activation bytes autograd saves for backward during each forward (a saved-tensor hook, parameters
-  not counted), summed over the micro-batches in flight: the peak, as pipetrain's stages count it.
+* ``step``: the window plus every stage's ``optimizer.step()`` and ``zero_grad()``;
+* per stage, every ``forward_one_chunk`` (the loss included, on the last stage) and ``backward_one_chunk``,
+  as a COMPUTE span named by its action (``2F5``), as pipetrain's stages record them;
+* per stage, the activation bytes autograd saves for backward during each forward (a saved-tensor hook,
+  parameters not counted), summed over the micro-batches in flight: the peak, as pipetrain's stages count it.
 
-Rank 0 gathers every rank's figures and writes one JSON document to ``--out``::
-
-    {"method": "pipelining", "schedule": ..., "num_stages": p, "num_microbatches": m, "warmup": W,
-     "steps": [{"step": 1, "step_time_s": .., "window_s": .., "loss": .., "busy_s": [per stage],
-                "forward_s": [mean per stage], "backward_s": [mean per stage],
-                "peak_activation_mib": [per stage]}, ...]}
-
-``step_time_s`` and ``window_s`` are the maxima over the ranks (the step is done when the slowest rank is).
+Rank 0 gathers every rank's figures and logs each step with pipetrain's own metrics code
+(:func:`pipetrain.metrics.step_metrics`, :class:`pipetrain.metrics.MetricsLogger`), with the slowest rank's
+step time and window: ``<run-dir>/metrics.jsonl`` holds the same figures, under the same names, as a
+pipetrain run's, and ``<run-dir>/traces/`` the last step's compute spans. The simulated figures use
+pipetrain's schedule, whose per-rank order is PyTorch's for these three schedules
+(``tests/test_schedule.py`` compares the interleaved one with ``ScheduleInterleaved1F1B``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -48,54 +49,76 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
 
-from pipetrain.build import build_dataset, build_model, build_plan
+from pipetrain.build import build_dataset, build_model, build_plan, build_schedule_for
 from pipetrain.compose import compose_config, to_train_config
+from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.losses import get_loss
+from pipetrain.metrics import MetricsLogger, step_metrics
 from pipetrain.partition import partition
+from pipetrain.schedule import Action, ActionKind, Schedule
 from pipetrain.targets import call_target
+from pipetrain.timings import Span, SpanCategory, StageReport
+from pipetrain.topology import Topology
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+MULTI_STAGE_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
 class StageProbe:
-    """Times the forward / backward chunks of one ``PipelineStage`` and counts its saved activations.
+    """Records the forward / backward chunks of one ``PipelineStage`` as spans and counts its activations.
 
-    The probe replaces the stage's ``forward_one_chunk`` and ``backward_one_chunk`` with timed versions
-    (the schedules call them through the instance) and wraps the loss function given to the schedule, whose
-    time is added to the forward of the micro-batch it belongs to.
+    The probe replaces the stage's ``forward_one_chunk`` and ``backward_one_chunk`` with recorded versions
+    (the schedules call them through the instance); :meth:`wrap_loss` extends each forward span of the last
+    stage to the end of the loss computed on its output.
     """
 
     def __init__(self, stage: PipelineStage, module: torch.nn.Module) -> None:
+        self.stage_idx = stage.stage_index
         self._parameter_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
         self._forward = stage.forward_one_chunk
         self._backward = stage.backward_one_chunk
-        stage.forward_one_chunk = self._timed_forward
-        stage.backward_one_chunk = self._timed_backward
+        stage.forward_one_chunk = self._recorded_forward
+        stage.backward_one_chunk = self._recorded_backward
         self.reset()
 
     def reset(self) -> None:
         """Forget the figures of the previous step."""
-        self.forward_s: list[float] = []
-        self.backward_s: list[float] = []
-        self.loss_s = 0.0
+        self.spans: list[Span] = []
         self._in_flight: dict[int, int] = {}
         self.peak_bytes = 0
 
-    def wrap_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """``loss_fn`` with its duration added to this stage's forward time."""
+    def report(self) -> StageReport:
+        """This step's spans and peak activation bytes, as a pipetrain stage reports them."""
+        return StageReport(self.stage_idx, tuple(self.spans), peak_activation_bytes=self.peak_bytes)
 
-        def timed_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
-            start = time.perf_counter()
+    def wrap_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``loss_fn``, with the latest forward span extended to the end of the loss.
+
+        The schedules compute the loss right after the last stage's forward of the same micro-batch, and
+        once outside any forward, on their first step, to set up the backward (no span is extended then).
+        """
+
+        def recorded_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
             loss = loss_fn(*args, **kwargs)
-            self.loss_s += time.perf_counter() - start
+            if self.spans and Action.parse(self.spans[-1].name).kind is ActionKind.FORWARD:
+                self.spans.append(dataclasses.replace(self.spans.pop(), end=time.perf_counter()))
             return loss
 
-        return timed_loss
+        return recorded_loss
 
-    def _timed_forward(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+    def _record(self, kind: ActionKind, mb_idx: int, start: float) -> None:
+        name = str(Action(self.stage_idx, kind, mb_idx))
+        self.spans.append(Span(self.stage_idx, SpanCategory.COMPUTE, name, start, time.perf_counter()))
+
+    def _recorded_forward(self, fwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
         saved = [0]
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -106,120 +129,122 @@ class StageProbe:
         start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             output = self._forward(fwd_chunk_id, *args, **kwargs)
-        self.forward_s.append(time.perf_counter() - start)
+        self._record(ActionKind.FORWARD, fwd_chunk_id, start)
         self._in_flight[fwd_chunk_id] = saved[0]
         self.peak_bytes = max(self.peak_bytes, sum(self._in_flight.values()))
         return output
 
-    def _timed_backward(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+    def _recorded_backward(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         result = self._backward(bwd_chunk_id, *args, **kwargs)
-        self.backward_s.append(time.perf_counter() - start)
+        self._record(ActionKind.BACKWARD, bwd_chunk_id, start)
         self._in_flight.pop(bwd_chunk_id, None)
         return result
-
-    def figures(self) -> dict[str, float]:
-        """This step's busy time, mean forward (with loss) and backward time, and peak activation MiB."""
-        num_forward = max(len(self.forward_s), 1)
-        num_backward = max(len(self.backward_s), 1)
-        return {
-            "busy_s": sum(self.forward_s) + self.loss_s + sum(self.backward_s),
-            "forward_s": (sum(self.forward_s) + self.loss_s) / num_forward,
-            "backward_s": sum(self.backward_s) / num_backward,
-            "peak_activation_mib": self.peak_bytes / 2**20,
-        }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options; pipetrain overrides follow ``--``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), required=True)
-    parser.add_argument("--microbatches", type=int, required=True, help="micro-batches per step (m)")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps, warm-up included")
-    parser.add_argument("--warmup", type=int, default=3, help="leading steps the benchmark ignores")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file written by rank 0")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps")
+    parser.add_argument("--run-dir", type=Path, required=True, help="where rank 0 writes metrics.jsonl")
     parser.add_argument("overrides", nargs="*", help="pipetrain Hydra overrides (after --)")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Train ``args.steps`` steps on this rank's stage; rank 0 returns the gathered figures."""
+def torch_schedule(schedule: Schedule, stages: list[PipelineStage], loss_fn: Callable[..., Any]) -> Any:
+    """PyTorch's schedule of the same name as pipetrain's ``schedule``, over this rank's stages."""
+    if schedule.name in MULTI_STAGE_SCHEDULES:
+        return MULTI_STAGE_SCHEDULES[schedule.name](stages, schedule.num_microbatches, loss_fn=loss_fn)
+    if schedule.name not in SINGLE_STAGE_SCHEDULES:
+        known = ", ".join([*SINGLE_STAGE_SCHEDULES, *MULTI_STAGE_SCHEDULES])
+        raise SystemExit(f"schedule={schedule.name}: the baseline runs {known}")
+    return SINGLE_STAGE_SCHEDULES[schedule.name](stages[0], schedule.num_microbatches, loss_fn=loss_fn)
+
+
+def run(cfg: TrainConfig, num_steps: int) -> tuple[Schedule, list[dict[str, Any]]]:
+    """Train ``num_steps`` steps on this rank's stages: pipetrain's schedule, and per step the rank's times,
+    loss and stage reports."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    cfg = to_train_config(compose_config([*args.overrides, f"pipeline.num_microbatches={args.microbatches}"]))
     model = build_model(cfg)
     plan = build_plan(cfg, model)
-    if plan.num_stages != world_size:
-        raise SystemExit(f"the split has {plan.num_stages} stages but {world_size} processes were started")
-    module = partition(model, plan)[rank]
+    schedule = build_schedule_for(cfg, plan.num_stages)
+    topology = Topology.of(schedule)
+    if topology.num_workers != world_size:
+        raise SystemExit(f"the schedule runs on {topology.num_workers} workers but {world_size} were started")
+    modules = partition(model, plan)
     del model
-    stage = PipelineStage(module, rank, world_size, torch.device("cpu"))
-    probe = StageProbe(stage, module)
-    loss_fn = probe.wrap_loss(get_loss(cfg.train.loss))
-    schedule = SCHEDULES[args.schedule](stage, args.microbatches, loss_fn=loss_fn)
-    optimizer = call_target(cfg.optim, "optim")(module.parameters())
+    own = topology.stages_of(rank)
+    stages = [PipelineStage(modules[s], s, plan.num_stages, torch.device("cpu")) for s in own]
+    probes = [StageProbe(stage, modules[s]) for stage, s in zip(stages, own, strict=True)]
+    last_stage = plan.num_stages - 1
+    loss_fn = get_loss(cfg.train.loss)
+    if last_stage in own:
+        loss_fn = probes[own.index(last_stage)].wrap_loss(loss_fn)
+    pipeline = torch_schedule(schedule, stages, loss_fn)
+    optimizers = [call_target(cfg.optim, "optim")(modules[s].parameters()) for s in own]
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    is_first, is_last = rank == 0, rank == world_size - 1
 
     records = []
-    for step in range(args.steps):
+    for step in range(num_steps):
         inputs, targets = batches.batch(step)
         losses: list[torch.Tensor] = []
-        probe.reset()
+        for probe in probes:
+            probe.reset()
         dist.barrier()
         start = time.perf_counter()
-        step_args = (inputs,) if is_first else ()
-        schedule.step(*step_args, target=targets if is_last else None, losses=losses, return_outputs=False)
+        step_args = (inputs,) if 0 in own else ()
+        target = targets if last_stage in own else None
+        pipeline.step(*step_args, target=target, losses=losses, return_outputs=False)
         window_end = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         end = time.perf_counter()
-        loss = float(sum(loss.item() for loss in losses) / len(losses)) if losses else None
-        times = {"window_s": window_end - start, "step_s": end - start}
-        records.append({**times, "loss": loss, **probe.figures()})
-
-    gathered: list[list[dict[str, Any]]] | None = [[] for _ in range(world_size)] if rank == 0 else None
-    dist.gather_object(records, gathered, dst=0)
-    if rank != 0:
-        return None
-    return summarize(args, gathered)
-
-
-def summarize(args: argparse.Namespace, per_rank: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """Combine the ranks' per-step records: maxima for the times, one entry per stage for the rest."""
-    steps = []
-    for step, by_rank in enumerate(zip(*per_rank, strict=True)):
-        steps.append(
+        records.append(
             {
-                "step": step + 1,
-                "step_time_s": max(record["step_s"] for record in by_rank),
-                "window_s": max(record["window_s"] for record in by_rank),
-                "loss": by_rank[-1]["loss"],
-                "busy_s": [record["busy_s"] for record in by_rank],
-                "forward_s": [record["forward_s"] for record in by_rank],
-                "backward_s": [record["backward_s"] for record in by_rank],
-                "peak_activation_mib": [record["peak_activation_mib"] for record in by_rank],
+                "window_s": window_end - start,
+                "step_s": end - start,
+                "loss": float(sum(loss.item() for loss in losses) / len(losses)) if losses else None,
+                "reports": [probe.report() for probe in probes],
             }
         )
-    return {
-        "method": "pipelining",
-        "schedule": args.schedule,
-        "num_stages": len(per_rank),
-        "num_microbatches": args.microbatches,
-        "warmup": args.warmup,
-        "steps": steps,
-    }
+    return schedule, records
+
+
+def log_steps(
+    schedule: Schedule, batch_size: int, per_rank: list[list[dict[str, Any]]], run_dir: Path
+) -> None:
+    """Log every step of the gathered records as a pipetrain run logs it (the slowest rank's times), and
+    write the last step's trace."""
+    with MetricsLogger(run_dir) as logger:
+        for step, by_rank in enumerate(zip(*per_rank, strict=True), start=1):
+            reports = sorted((r for record in by_rank for r in record["reports"]), key=lambda r: r.stage_idx)
+            metrics = step_metrics(
+                step,
+                next(record["loss"] for record in by_rank if record["loss"] is not None),
+                batch_size,
+                max(record["step_s"] for record in by_rank),
+                max(record["window_s"] for record in by_rank),
+                reports,
+                schedule,
+            )
+            logger.log_step(metrics)
+            if step == len(per_rank[0]):
+                logger.write_trace(step, reports, schedule.placement)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Join the gloo group (torchrun's environment), run, write the JSON on rank 0."""
+    """Join the gloo group (torchrun's environment), run, log the steps on rank 0."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo")
     try:
-        result = run(args)
-        if result is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1))
+        cfg = to_train_config(compose_config(args.overrides))
+        schedule, records = run(cfg, args.steps)
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(records, gathered, dst=0)
+        if gathered is not None:
+            log_steps(schedule, cfg.train.batch_size, gathered, args.run_dir)
     finally:
         dist.destroy_process_group()
     return 0
