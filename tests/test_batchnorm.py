@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_config, train_unsplit
+from conftest import make_config, train_pipelined, train_unsplit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision import models as tvm
@@ -16,16 +16,13 @@ from pipetrain.build import (
     _commit_batchnorm_on_step,
     build_dataset,
     build_model,
-    build_schedule_for,
-    build_stages,
 )
 from pipetrain.data import BatchOrder
-from pipetrain.driver import Driver, split_microbatches
+from pipetrain.driver import split_microbatches
 from pipetrain.losses import get_loss
 from pipetrain.models.resnet import resnet18
 from pipetrain.preflight import preflight
 from pipetrain.targets import call_target
-from pipetrain.transport import local_workers
 
 BATCHNORMS = {
     "1d": (lambda: nn.BatchNorm1d(3), (16, 3)),
@@ -201,22 +198,6 @@ def _resnet_config(schedule: str = "gpipe", steps: int = 3, deferred: bool = Tru
     return cfg
 
 
-def _train_pipelined(cfg):
-    plan, stages = build_stages(cfg)
-    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    losses = Driver(
-        cfg,
-        local_workers(stages, build_schedule_for(cfg, plan.num_stages)),
-        plan,
-        batches,
-        print_fn=lambda line: None,
-    ).train()
-    state = {}
-    for stage in stages:
-        state.update(stage.module.full_state_dict())
-    return losses, state
-
-
 def _train_accumulated(cfg):
     """The reference in one process: the same model, gradients accumulated over the same micro-batches."""
     model = build_model(cfg)
@@ -244,7 +225,7 @@ def _train_accumulated(cfg):
 def test_pipelined_resnet_with_deferred_batchnorm_equals_accumulated_reference(schedule):
     cfg = _resnet_config(schedule)
     reference_losses, reference_state = _train_accumulated(cfg)
-    losses, state = _train_pipelined(cfg)
+    losses, state = train_pipelined(cfg)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
     assert state.keys() == reference_state.keys()
     for name, value in reference_state.items():
@@ -257,7 +238,7 @@ def test_pipelined_resnet_with_deferred_batchnorm_equals_accumulated_reference(s
 def _first_batchnorm_after_one_step(deferred: bool) -> tuple[dict, dict]:
     """``bn1``'s buffers after one pipelined step, and after one step of the unsplit, unconverted model."""
     cfg = _resnet_config(steps=1, deferred=deferred)
-    _, state = _train_pipelined(cfg)
+    _, state = train_pipelined(cfg)
     cfg.pipeline.deferred_batchnorm = False
     _, whole_batch = train_unsplit(cfg)
     names = ("bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked")

@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import make_config, train_pipelined
 
-from pipetrain.build import build_dataset, build_schedule_for, build_stages
+from pipetrain.build import build_dataset
 from pipetrain.config import LoaderConfig
 from pipetrain.data import BatchOrder
-from pipetrain.driver import Driver
 from pipetrain.loader import DataError, step_batches
-from pipetrain.transport import local_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,20 +33,6 @@ def slow_config(steps: int = 4, num_workers: int = 0, broken: int = -1):
     return cfg
 
 
-def train(cfg, run_dir):
-    plan, stages = build_stages(cfg)
-    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    driver = Driver(
-        cfg,
-        local_workers(stages, build_schedule_for(cfg, plan.num_stages)),
-        plan,
-        batches,
-        run_dir,
-        print_fn=lambda _: None,
-    )
-    return driver.train()
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_gives_the_batch_order_of_every_step(num_workers):
     cfg = slow_config(num_workers=num_workers)
@@ -62,7 +46,7 @@ def test_loader_gives_the_batch_order_of_every_step(num_workers):
 
 def test_throughput_counts_the_time_spent_loading(tmp_path):
     """A dataset that needs ``DELAY_S`` per sample cannot be trained faster than it is read."""
-    train(slow_config(num_workers=0), tmp_path)
+    train_pipelined(slow_config(num_workers=0), tmp_path)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     load_s = BATCH * DELAY_S
     for entry in logged:
@@ -76,7 +60,7 @@ def test_a_broken_sample_is_named_with_its_step(tmp_path):
     order = BatchOrder(build_dataset(cfg), BATCH, cfg.seed)
     step = next(s for s in range(8) if 40 in order.indices(s).tolist())
     with pytest.raises(DataError) as raised:
-        train(cfg, tmp_path)
+        train_pipelined(cfg, tmp_path)
     failure = raised.value
     assert failure.step == step + 1
     assert failure.summary == (
