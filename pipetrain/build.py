@@ -105,6 +105,7 @@ def build_stage(
         loss_fn=get_loss(cfg.train.loss),
         loss_scale=1.0 / cfg.pipeline.num_microbatches,
         stop_on_nan=cfg.train.stop_on_nan,
+        lr_scheduler_factory=call_target(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None,
     )
     _commit_batchnorm_on_step(stage)
     return stage
@@ -171,10 +172,12 @@ def build_worker_stages(cfg: TrainConfig, plan: StagePlan, worker_idx: int) -> d
 
 
 def _resume(cfg: TrainConfig, stages: Sequence[Stage]) -> None:
+    """Load the checkpoint into ``stages``; bring their learning-rate schedules to its step."""
     if cfg.checkpoint.resume:
         saved = load_checkpoint(find_checkpoint(cfg.checkpoint.resume))
         for stage in stages:
             restore_stage(stage, saved)
+            stage.advance_lr_scheduler(saved.step)
 
 
 def resume_step(cfg: TrainConfig) -> int:

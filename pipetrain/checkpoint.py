@@ -250,11 +250,15 @@ def optimizer_manifest(optim_spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"optimizer_class": optimizer_class, "optim": _plain(dict(optim_spec))}
 
 
-def resume_notice(step_dir: str | Path, optim_spec: Mapping[str, Any]) -> str:
+def resume_notice(
+    step_dir: str | Path, optim_spec: Mapping[str, Any], lr_scheduler_spec: Mapping[str, Any] | None = None
+) -> str:
     """One line saying what a run resuming ``step_dir`` with ``optim_spec`` changes versus the checkpoint.
 
     E.g. ``pipetrain: resuming from .../step_5: optim.lr 0.01 -> 0.5``, or ``... optimizer AdamW -> SGD:
     its state starts fresh``. Reads the manifest and the stage files' optimizer entries (memory-mapped).
+    A learning-rate schedule is rebuilt from the config and advanced to the checkpoint's step; a changed
+    ``lr_scheduler`` is named too.
     """
     step_dir = Path(step_dir)
     manifest = read_manifest(step_dir)
@@ -268,11 +272,26 @@ def resume_notice(step_dir: str | Path, optim_spec: Mapping[str, Any]) -> str:
     )
     changes = [notice] if notice else []
     changes += _setting_changes(_saved_settings(manifest, param_groups, optim_spec), optim_spec)
+    if lr_scheduler_spec is not None and "lr_scheduler" in manifest:
+        saved_schedule, schedule = manifest["lr_scheduler"] or {}, _plain(dict(lr_scheduler_spec))
+        if saved_schedule != schedule:
+            changes.append(
+                f"lr_scheduler {_describe_schedule(saved_schedule)} -> {_describe_schedule(schedule)} "
+                f"(the new schedule continues from step {manifest['step']})"
+            )
     return f"pipetrain: resuming from {step_dir}: {'; '.join(changes) or 'optimizer and settings as saved'}"
 
 
 _RESERVED = ("_target_", "_partial_")
 _UNSET = object()
+
+
+def _describe_schedule(spec: Mapping[str, Any]) -> str:
+    """``CosineAnnealingLR(T_max=100)``, or ``none``."""
+    if not spec:
+        return "none"
+    arguments = ", ".join(f"{key}={value}" for key, value in spec.items() if key not in _RESERVED)
+    return f"{str(spec.get('_target_')).rpartition('.')[2]}({arguments})"
 
 
 def _plain(value: Any) -> Any:

@@ -68,6 +68,10 @@ class TrainLoopConfig:
     """Loss computed by the last stage: ``cross_entropy`` or ``mse`` (mean over the batch)."""
     stop_on_nan: bool = True
     """Stop the run when a micro-batch loss is NaN or infinite."""
+    clip_grad_norm: float | None = None
+    """Clip the gradients of *all* stages together to this 2-norm, exactly as
+    ``torch.nn.utils.clip_grad_norm_`` on the unsplit model; a step whose norm is not finite is skipped
+    on every stage. ``null``: no clipping."""
 
 
 @dataclass(kw_only=True)
@@ -132,6 +136,10 @@ class TrainConfig:
     """Target spec of a callable returning a map-style dataset of ``(input, target)`` pairs."""
     optim: dict[str, Any] = field(default_factory=dict)
     """Target spec (with ``_partial_: true``) of an optimizer class; each stage owns one."""
+    lr_scheduler: dict[str, Any] = field(default_factory=dict)
+    """Target spec (with ``_partial_: true``) of a learning-rate scheduler called with a stage's optimizer,
+    e.g. ``torch.optim.lr_scheduler.CosineAnnealingLR``; it steps once per optimizer step on every
+    stage. Empty: the learning rate stays ``optim.lr``."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)

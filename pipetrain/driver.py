@@ -34,6 +34,7 @@ from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.executor import execute, wait_all
 from pipetrain.failures import RunStopped, StageFailure, interrupt_requested, stop_requested
+from pipetrain.grad_clip import GlobalNorm
 from pipetrain.loader import DataError, step_batches
 from pipetrain.metrics import MetricsLogger, StepMetrics, format_progress, step_metrics
 from pipetrain.partition import StagePlan
@@ -61,6 +62,8 @@ class StepResult:
     """Time the driver waited for the step's batch."""
     started_at: float = 0.0
     """The driver's wall clock when it began the step's execution (``ts`` 0 of the step's profile)."""
+    clipped: GlobalNorm | None = None
+    """The global gradient norm and the scale applied to it (with ``train.clip_grad_norm``)."""
 
 
 def split_microbatches(
@@ -88,17 +91,29 @@ def run_step(
     num_microbatches: int,
     timeout_s: float | None = None,
     profile: bool = False,
+    clip_grad_norm: float | None = None,
 ) -> StepResult:
     """One optimizer step: every action of ``schedule``, and each stage's optimizer step after its own.
 
-    With ``profile``, every worker runs it under ``torch.profiler`` (:mod:`pipetrain.profiling`).
+    With ``profile``, every worker runs it under ``torch.profiler`` (:mod:`pipetrain.profiling`); with
+    ``clip_grad_norm``, the gradients are clipped to that global norm first (:mod:`pipetrain.grad_clip`).
     """
     start = time.time()
     micro_inputs, micro_targets = split_microbatches(inputs, targets, num_microbatches)
-    executed = execute(schedule, handles, micro_inputs, micro_targets, timeout_s=timeout_s, profile=profile)
+    executed = execute(
+        schedule,
+        handles,
+        micro_inputs,
+        micro_targets,
+        timeout_s=timeout_s,
+        profile=profile,
+        clip_grad_norm=clip_grad_norm,
+    )
     loss = sum(executed.reports[-1].losses)
     window_s = executed.actions_done_at - start
-    return StepResult(loss, executed.reports, window_s, time.time() - start, started_at=start)
+    return StepResult(
+        loss, executed.reports, window_s, time.time() - start, started_at=start, clipped=executed.clipped
+    )
 
 
 class Driver:
@@ -155,6 +170,12 @@ class Driver:
                         cfg.pipeline.num_microbatches,
                         timeout_s=cfg.rpc.timeout_s,
                         profile=step + 1 in cfg.log.profile_steps,
+                        clip_grad_norm=cfg.train.clip_grad_norm,
+                    )
+                if result.clipped is not None and not result.clipped.finite:
+                    self.print_fn(
+                        f"pipetrain: step {step + 1} skipped on every stage: the gradient norm is "
+                        f"{result.clipped.total_norm}"
                     )
                 losses.append(result.loss)
                 step_end = time.time()
@@ -179,7 +200,7 @@ class Driver:
         resume = self.cfg.checkpoint.resume
         if resume:
             try:
-                self.print_fn(resume_notice(find_checkpoint(resume), self.cfg.optim))
+                self.print_fn(resume_notice(find_checkpoint(resume), self.cfg.optim, self.cfg.lr_scheduler))
             except Exception as error:  # noqa: BLE001 - the notice only informs; the run goes on
                 self.print_fn(f"pipetrain: resuming from {resume} (cannot compare it with optim: {error})")
 
@@ -207,6 +228,7 @@ class Driver:
                 result.reports,
                 self.schedule,
                 data_time_s=result.data_time_s,
+                grad_norm=None if result.clipped is None else result.clipped.total_norm,
             )
             self.print_fn(format_progress(metrics, cfg.train.steps))
             if self.logger is not None:
@@ -264,6 +286,7 @@ class Driver:
             "num_microbatches": self.cfg.pipeline.num_microbatches,
             "seed": self.cfg.seed,
             **optimizer_manifest(self.cfg.optim),
+            "lr_scheduler": dict(self.cfg.lr_scheduler),
         }
         committed = commit_checkpoint(directory, manifest)
         prune_checkpoints(committed.parent, self.cfg.checkpoint.keep_last)

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from pipetrain.failures import RunStopped, StageError, StageFailure, stop_requested
+from pipetrain.grad_clip import GlobalNorm, clip_by_global_norm
+from pipetrain.runner import OptimizerStepRequest
 from pipetrain.schedule import Action, ActionKind, Schedule, dependencies, execution_order
 from pipetrain.timings import StageReport
 from pipetrain.transport.handle import WorkerHandle
@@ -36,6 +38,8 @@ class ExecutedStep:
     """Each stage's report, in stage order."""
     actions_done_at: float
     """``time.time()`` when the schedule's last action was done (before the last optimizer step)."""
+    clipped: GlobalNorm | None = None
+    """The global gradient norm and the scale applied, with ``clip_grad_norm``."""
 
 
 def execute(
@@ -45,11 +49,14 @@ def execute(
     targets: Sequence[Any],
     timeout_s: float | None = None,
     profile: bool = False,
+    clip_grad_norm: float | None = None,
 ) -> ExecutedStep:
     """Run every action of ``schedule``, then every stage's optimizer step; wait until all are done.
 
     ``inputs[mb]`` goes to stage 0's forward of micro-batch ``mb``, ``targets[mb]`` to the last stage's.
     With ``profile``, every worker runs the step under ``torch.profiler`` (:mod:`pipetrain.profiling`).
+    With ``clip_grad_norm``, the gradients of all stages are scaled to that global 2-norm at most before
+    the optimizer steps (:mod:`pipetrain.grad_clip`), or dropped with no step where it is not finite.
     Raises :class:`StageFailure` for the first action or step to fail, or when nothing completes for
     ``timeout_s`` seconds.
     """
@@ -72,11 +79,17 @@ def execute(
         done.update(zip(schedule[handle.worker_idx], handle.submit(work, profile), strict=True))
     issued = [(action, done[action]) for action in order]
     actions_done_at = torch.futures.collect_all([future for _, future in issued]).then(lambda _: time.time())
-    steps = [(handle.worker_idx, handle.optimizer_step()) for handle in handles]
     worker_labels = {handle.worker_idx: handle.label for handle in handles}
     labels = {stage: worker_labels[schedule.worker_of(stage)] for stage in range(schedule.num_stages)}
-    # Entry i of the wait: action i of the execution order, then each worker's optimizer step.
-    entry_workers = [schedule.worker_of(action.stage_idx) for action, _ in issued] + [w for w, _ in steps]
+    # With clipping, the stages step only once every worker's gradient norms are in; otherwise each
+    # worker is asked for its step right away and steps each stage as soon as that stage is done.
+    if clip_grad_norm is None:
+        after_actions = [(handle.worker_idx, "optimizer step", handle.optimizer_step()) for handle in handles]
+    else:
+        after_actions = [(handle.worker_idx, "gradient norms", handle.gradient_norms()) for handle in handles]
+    # Entry i of the wait: action i of the execution order, then each worker's request after its actions.
+    entry_workers = [schedule.worker_of(action.stage_idx) for action, _ in issued]
+    entry_workers += [worker for worker, _, _ in after_actions]
 
     def _blame(ok: list[bool], failed_index: int | None) -> int:
         """The entry to name: what the failed worker was running, or what is stuck."""
@@ -99,12 +112,21 @@ def execute(
         (worker_labels[schedule.worker_of(a.stage_idx)], f"action {a} (stage {a.stage_idx})", f)
         for a, f in issued
     ]
-    pending += [(worker_labels[worker], "optimizer step", reported) for worker, reported in steps]
-    values = wait_all(pending, timeout_s, labels, _blame)
-    reports = [report for worker_reports in values[len(issued) :] for report in worker_reports]
+    pending += [(worker_labels[worker], what, reply) for worker, what, reply in after_actions]
+    values = wait_all(pending, timeout_s, labels, _blame)[len(issued) :]
+    clipped = None
+    if clip_grad_norm is not None:
+        by_stage = {stage_idx: norms for worker_norms in values for stage_idx, norms in worker_norms.items()}
+        # In stage order, so the norms are in the unsplit model's parameter order.
+        clipped = clip_by_global_norm([n for idx in sorted(by_stage) for n in by_stage[idx]], clip_grad_norm)
+        request = OptimizerStepRequest(grad_scale=clipped.grad_scale, skip=not clipped.finite)
+        steps = [(handle.label, "optimizer step", handle.optimizer_step(request)) for handle in handles]
+        values = wait_all(steps, timeout_s, labels)
+    reports = [report for worker_reports in values for report in worker_reports]
     return ExecutedStep(
         reports=tuple(sorted(reports, key=lambda report: report.stage_idx)),
         actions_done_at=actions_done_at.wait(),
+        clipped=clipped,
     )
 
 

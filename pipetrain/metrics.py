@@ -68,6 +68,10 @@ class StepMetrics:
     workers: tuple[WorkerFigures, ...]
     data_time_s: float = 0.0
     """Time the driver waited for the step's batch (included in ``step_time_s``)."""
+    learning_rate: float | None = None
+    """The step's learning rate (``None``: no stage has an optimizer)."""
+    grad_norm: float | None = None
+    """The global gradient norm before clipping (only with ``train.clip_grad_norm``)."""
 
     def scalars(self) -> dict[str, float]:
         """The tag -> value mapping written to TensorBoard and ``metrics.jsonl``."""
@@ -82,6 +86,10 @@ class StepMetrics:
                 self.bubble_fraction_predicted_measured_costs
             ),
         }
+        if self.learning_rate is not None:
+            scalars["train/lr"] = float(self.learning_rate)
+        if self.grad_norm is not None:
+            scalars["train/grad_norm"] = float(self.grad_norm)
         for k, figures in enumerate(self.workers):
             scalars[f"worker{k}/busy_s"] = float(figures.busy_s)
             scalars[f"worker{k}/idle_s"] = float(figures.idle_s)
@@ -159,14 +167,16 @@ def step_metrics(
     reports: Sequence[StageReport],
     schedule: Schedule,
     data_time_s: float = 0.0,
+    grad_norm: float | None = None,
 ) -> StepMetrics:
     """Assemble the :class:`StepMetrics` of one step from the stages' reports.
 
     ``step_time_s`` is the whole step (including the optimizer) and gives the throughput;
     ``window_s`` is the schedule's execution window (see :func:`worker_figures`); ``data_time_s`` is the
-    part of the step spent waiting for the batch.
+    part of the step spent waiting for the batch; ``grad_norm`` the global gradient norm, when clipped.
     """
     figures = worker_figures(reports, window_s, schedule.placement)
+    rates = [report.learning_rate for report in _by_stage(reports) if report.learning_rate is not None]
     return StepMetrics(
         step=step,
         loss=float(loss),
@@ -177,6 +187,8 @@ def step_metrics(
         bubble_fraction_predicted_measured_costs=simulate(schedule, measured_costs(reports)).bubble_fraction,
         workers=figures,
         data_time_s=float(data_time_s),
+        learning_rate=rates[0] if rates else None,
+        grad_norm=grad_norm,
     )
 
 

@@ -24,7 +24,7 @@ from pipetrain.data import check_num_classes
 from pipetrain.losses import get_loss
 from pipetrain.partition import StagePlan, partition
 from pipetrain.state_checks import check_checkpoint_readable, check_model_init, check_state_fits
-from pipetrain.targets import check_target_arguments
+from pipetrain.targets import call_target, check_target_arguments
 
 __all__ = ["check_settings", "preflight", "stage_plan"]
 
@@ -66,6 +66,12 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ValueError(
             "optim._partial_: must be true (each stage builds its optimizer on its own parameters)"
         )
+    if cfg.train.clip_grad_norm is not None and not cfg.train.clip_grad_norm > 0:
+        raise ValueError(
+            f"train.clip_grad_norm: {cfg.train.clip_grad_norm} must be > 0 (or null for no clipping)"
+        )
+    if cfg.lr_scheduler:
+        _check_lr_scheduler(cfg)
 
 
 def stage_plan(cfg: TrainConfig) -> StagePlan:
@@ -100,6 +106,23 @@ def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
     if cfg.checkpoint.resume:
         _check_resume(cfg, plan, model)
     return plan
+
+
+def _check_lr_scheduler(cfg: TrainConfig) -> None:
+    """The scheduler spec names a callable that builds a scheduler on the configured optimizer."""
+    check_target_arguments(cfg.lr_scheduler, "lr_scheduler")
+    if not cfg.lr_scheduler.get("_partial_", False):
+        raise ValueError(
+            "lr_scheduler._partial_: must be true (each stage builds its scheduler on its own optimizer)"
+        )
+    probe = call_target(cfg.optim, "optim")([torch.nn.Parameter(torch.zeros(1))])
+    try:
+        call_target(cfg.lr_scheduler, "lr_scheduler")(probe)
+    except Exception as error:
+        raise ValueError(
+            f"lr_scheduler: {cfg.lr_scheduler['_target_']} cannot be built on the optimizer ({error}); "
+            "check its arguments"
+        ) from error
 
 
 def _check_batchnorm_microbatch(cfg: TrainConfig, model: torch.nn.Module) -> None:

@@ -9,7 +9,9 @@ transport); one whose consumer lives elsewhere waits in the outbox until that wo
 
 The optimizer step is a phase of its own: the driver asks for it (:meth:`WorkerRunner.optimizer_step`)
 after sending the actions, and each stage steps as soon as its own actions are done and the request is
-there, so a stage that finishes early steps while the others drain.
+there, so a stage that finishes early steps while the others drain. With global gradient clipping the
+driver first asks for the stages' gradient norms (:meth:`WorkerRunner.gradient_norms`, answered once the
+worker's actions are done), then for the optimizer step with the scale they imply.
 
 A step can run under ``torch.profiler`` (:mod:`pipetrain.profiling`): the profiler starts on the compute
 thread before the step's first action and stops after its last optimizer step, and actions, waits for
@@ -40,7 +42,15 @@ from pipetrain.schedule import Action, ActionKind, Schedule, input_dependency, o
 from pipetrain.stage import Stage
 from pipetrain.timings import SpanCategory, StageReport
 
-__all__ = ["Work", "RemoteFetch", "WorkerRunner", "completed", "result_or_error"]
+__all__ = [
+    "Work",
+    "RemoteFetch",
+    "OptimizerStepRequest",
+    "PLAIN_STEP",
+    "WorkerRunner",
+    "completed",
+    "result_or_error",
+]
 
 Work = Sequence[tuple[Action, Any, Any]]
 """A worker's actions of one step, in schedule order, each with its driver-given input and target."""
@@ -76,10 +86,25 @@ def _result(future: torch.futures.Future) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class OptimizerStepRequest:
+    """How the stages of a worker take a step's optimizer step."""
+
+    grad_scale: float = 1.0
+    """Factor on every gradient before stepping (global gradient-norm clipping)."""
+    skip: bool = False
+    """Drop the gradients without stepping (they are not finite somewhere in the pipeline)."""
+
+
+PLAIN_STEP = OptimizerStepRequest()
+"""Step on the gradients as they are (no clipping)."""
+
+
 @dataclass
 class _StepState:
     """The two halves of one step on a worker: its actions, and its optimizer step."""
 
+    actions_done: torch.futures.Future = field(default_factory=torch.futures.Future)
     step_requested: torch.futures.Future = field(default_factory=torch.futures.Future)
     reports: torch.futures.Future = field(default_factory=torch.futures.Future)
 
@@ -126,7 +151,7 @@ class WorkerRunner:
             )
         received = time.time()
         arrivals = [self._arrival(action, value) for action, value, _ in work]
-        done: torch.futures.Future = torch.futures.Future()
+        done = self._step(step_id).actions_done
         devices = [stage.device for stage in self.stages.values()]
         profiler = StepProfiler(self.worker_idx, devices) if profile else None
         self._compute.submit(
@@ -134,15 +159,36 @@ class WorkerRunner:
         )
         return done
 
-    def optimizer_step(self, step_id: int) -> torch.futures.Future:
-        """Step every stage's optimizer once its actions of ``step_id`` are done.
+    def optimizer_step(
+        self, step_id: int, request: OptimizerStepRequest = PLAIN_STEP
+    ) -> torch.futures.Future:
+        """Step every stage's optimizer once its actions of ``step_id`` are done, as ``request`` says.
 
         The future carries the stages' :class:`StageReport` list (in stage order), or the error.
         """
         state = self._step(step_id)
         if not state.step_requested.done():
-            state.step_requested.set_result(None)
+            state.step_requested.set_result(request)
         return state.reports
+
+    def gradient_norms(self, step_id: int) -> torch.futures.Future:
+        """Once the actions of ``step_id`` are done: stage index -> that stage's gradient norms
+        (:meth:`Stage.gradient_norms`), or the error.
+
+        Asked before :meth:`optimizer_step` (the stages wait for it), so the gradients are complete and
+        untouched; computed on the thread that finishes the actions, or on the caller's when done.
+        """
+
+        def _norms(done: torch.futures.Future) -> Any:
+            error = result_or_error(done)
+            if isinstance(error, BaseException):
+                return error
+            try:
+                return {idx: stage.gradient_norms() for idx, stage in self.stages.items()}
+            except Exception as failure:
+                return StageError.wrap(failure, min(self.stages), "gradient norms")
+
+        return self._step(step_id).actions_done.then(_norms)
 
     def fetch(self, action: Action) -> torch.futures.Future:
         """A future of ``(output, produced_at)`` of ``action``: once, for its consumer on another worker."""
@@ -227,14 +273,16 @@ class WorkerRunner:
                 remaining[action.stage_idx] -= 1
                 if remaining[action.stage_idx] == 0 and state.step_requested.done():
                     failed_stage, running = action.stage_idx, "optimizer step"
-                    reports[action.stage_idx] = self._step_stage(action.stage_idx, profiler)
+                    reports[action.stage_idx] = self._step_stage(
+                        action.stage_idx, state.step_requested.value(), profiler
+                    )
             position = len(work)
             done.set_result(None)
-            state.step_requested.wait()
+            request = state.step_requested.wait()
             for stage_idx in sorted(self.stages):
                 if stage_idx not in reports:
                     failed_stage, running = stage_idx, "optimizer step"
-                    reports[stage_idx] = self._step_stage(stage_idx, profiler)
+                    reports[stage_idx] = self._step_stage(stage_idx, request, profiler)
             if profiler is not None:
                 running = "stopping the profiler"
                 profiler.stop()
@@ -266,10 +314,12 @@ class WorkerRunner:
         profiler.received(action, producer_worker, produced_at, arrived_at)
         return value, produced_at, arrived_at
 
-    def _step_stage(self, stage_idx: int, profiler: StepProfiler | None) -> StageReport:
-        """Step stage ``stage_idx``'s optimizer; its report."""
+    def _step_stage(
+        self, stage_idx: int, request: OptimizerStepRequest, profiler: StepProfiler | None
+    ) -> StageReport:
+        """Step stage ``stage_idx``'s optimizer as ``request`` says; its report."""
         with _NOT_PROFILED if profiler is None else profiler.optimizer_step(stage_idx):
-            return self.stages[stage_idx].step()
+            return self.stages[stage_idx].step(request.grad_scale, request.skip)
 
     def _dispatch(self, action: Action, value: Any, target: Any) -> Any:
         """Run ``action`` on its stage: the one place that maps action kinds to stage methods."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,9 +25,10 @@ from pipetrain.losses import LossFn
 from pipetrain.schedule import Action, ActionKind
 from pipetrain.timings import Span, SpanCategory, StageReport
 
-__all__ = ["OptimizerFactory", "Stage"]
+__all__ = ["OptimizerFactory", "LrSchedulerFactory", "Stage"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+LrSchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 class Stage:
@@ -40,6 +42,9 @@ class Stage:
         loss_scale: factor on each micro-batch loss, ``1 / num_microbatches``, so the micro-batch losses
             sum to the batch's mean loss and accumulated gradients equal the whole batch's.
         stop_on_nan: raise ``FloatingPointError`` when a micro-batch loss is not finite.
+        lr_scheduler_factory: called with the stage's optimizer, e.g.
+            ``partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=100)``; the scheduler steps once
+            after every optimizer step. ``None``: the learning rate stays as the optimizer was built.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class Stage:
         loss_fn: LossFn,
         loss_scale: float,
         stop_on_nan: bool = True,
+        lr_scheduler_factory: LrSchedulerFactory | None = None,
     ) -> None:
         self.stage_idx = stage_idx
         self.num_stages = num_stages
@@ -59,6 +65,11 @@ class Stage:
         self.module = module.to(self.device)
         parameters = list(self.module.parameters())
         self.optimizer = optimizer_factory(parameters) if parameters else None
+        self.lr_scheduler = (
+            lr_scheduler_factory(self.optimizer)
+            if lr_scheduler_factory is not None and self.optimizer is not None
+            else None
+        )
         self._loss_fn = loss_fn
         self._loss_scale = loss_scale
         self._stop_on_nan = stop_on_nan
@@ -139,17 +150,41 @@ class Stage:
         self._record(Action(self.stage_idx, ActionKind.BACKWARD, mb_idx), start)
         return grad_input
 
-    def step(self) -> StageReport:
-        """Step the optimizer on the accumulated gradients, reset them, and report the step's figures."""
+    def gradient_norms(self) -> list[float]:
+        """The 2-norm of each parameter's accumulated gradient (parameters without one are left out).
+
+        In parameter order, so the norms of all stages in stage order are those of the unsplit model's
+        parameters, as :func:`torch.nn.utils.clip_grad_norm_` computes them.
+        """
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return [float(norm) for norm in torch._foreach_norm(grads, 2)] if grads else []
+
+    def step(self, grad_scale: float = 1.0, skip: bool = False) -> StageReport:
+        """Step the optimizer on the accumulated gradients, reset them, and report the step's figures.
+
+        ``grad_scale`` multiplies the gradients first (global norm clipping); with ``skip`` the gradients
+        are dropped without an optimizer step (non-finite gradients somewhere in the pipeline). The
+        learning-rate scheduler advances either way: it counts training steps.
+        """
         if self._outputs:
             raise RuntimeError(
                 f"stage {self.stage_idx}: optimizer step with micro-batches {sorted(self._outputs)} "
                 "still waiting for backward"
             )
         start = time.time()
+        learning_rate = None
         if self.optimizer is not None:
-            self.optimizer.step()
+            learning_rate = float(self.optimizer.param_groups[0]["lr"])
+            if not skip:
+                if grad_scale != 1.0:
+                    grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+                    torch._foreach_mul_(grads, torch.tensor(grad_scale, dtype=torch.float32))
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.lr_scheduler is not None:
+                with warnings.catch_warnings():  # a skipped step did not call optimizer.step(): intended
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.lr_scheduler.step()
         self._spans.append(Span(self.stage_idx, SpanCategory.OPTIMIZER, "step", start, time.time()))
         peak_memory = None
         if self.device.type == "cuda":
@@ -161,11 +196,25 @@ class Stage:
             losses=tuple(self._losses[mb] for mb in sorted(self._losses)),
             peak_memory_bytes=peak_memory,
             peak_activation_bytes=self._peak_saved_bytes,
+            learning_rate=learning_rate,
         )
         self._spans.clear()
         self._losses.clear()
         self._peak_saved_bytes = 0
         return report
+
+    def advance_lr_scheduler(self, steps: int) -> None:
+        """Move the learning-rate scheduler ``steps`` steps on, without training (a resumed run).
+
+        Rebuilt from the config and replayed, the schedule is exactly where the interrupted run left it,
+        and a schedule changed in the config applies from the resumed step on.
+        """
+        if self.lr_scheduler is None:
+            return
+        with warnings.catch_warnings():  # stepping before any optimizer step is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(steps):
+                self.lr_scheduler.step()
 
     def record_span(self, category: SpanCategory, name: str, start: float, end: float) -> None:
         """Record time a transport spent on this stage's behalf (waiting for or moving inputs)."""

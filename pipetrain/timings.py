@@ -55,6 +55,8 @@ class StageReport:
     """Peak device memory of the step, where the device reports it (CUDA)."""
     peak_activation_bytes: int = 0
     """Peak bytes autograd held for backward across the micro-batches in flight (any device)."""
+    learning_rate: float | None = None
+    """The learning rate of the step (of the optimizer's first parameter group); ``None``: no optimizer."""
 
     def total(self, category: SpanCategory) -> float:
         """Total seconds spent in ``category``."""

@@ -101,19 +101,29 @@ def make_config(
     return cfg
 
 
-def train_unsplit(cfg):
-    """The reference: the whole model, one process, one backward per batch."""
+def train_unsplit(cfg, record: dict[str, list[float]] | None = None):
+    """The reference: the whole model, one process, one backward per batch, with the configured
+    learning-rate scheduler and ``clip_grad_norm_``. ``record`` collects each step's ``lr`` and
+    ``grad_norm`` (when clipping)."""
     model = build_model(cfg)
     optimizer = call_target(cfg.optim, "optim")(model.parameters())
+    scheduler = call_target(cfg.lr_scheduler, "lr_scheduler")(optimizer) if cfg.lr_scheduler else None
     loss_fn = get_loss(cfg.train.loss)
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
+    record = {} if record is None else record
     losses = []
     for step in range(cfg.train.steps):
         inputs, targets = batches.batch(step)
         loss = loss_fn(model(inputs), targets)
         optimizer.zero_grad()
         loss.backward()
+        if cfg.train.clip_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+            record.setdefault("grad_norm", []).append(float(norm))
+        record.setdefault("lr", []).append(float(optimizer.param_groups[0]["lr"]))
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(loss.item())
     return losses, model.state_dict()
 

@@ -2,7 +2,8 @@
 
 Two phases per step: :meth:`WorkerHandle.submit` hands the worker its actions (it runs them as their
 inputs arrive), :meth:`WorkerHandle.optimizer_step` asks it to step its stages' optimizers once their
-actions are done. Between the two, a later reduction across stages or replicas has its place.
+actions are done. Between the two goes any reduction across stages: global gradient-norm clipping asks
+every worker for :meth:`WorkerHandle.gradient_norms` and sends the scale they imply with the step.
 
 Profiling (:mod:`pipetrain.profiling`) adds one flag and one request: ``submit(work, profile=True)`` runs
 the step under ``torch.profiler`` on the worker, and :meth:`WorkerHandle.collect_profile`, sent after that
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipetrain.runner import Work, result_or_error
+from pipetrain.runner import PLAIN_STEP, OptimizerStepRequest, Work, result_or_error
 
 __all__ = ["WorkerHandle", "ProgressTracker"]
 
@@ -39,11 +40,16 @@ class WorkerHandle(Protocol):
         """
         ...
 
-    def optimizer_step(self) -> torch.futures.Future:
-        """Step the worker's stages once their submitted actions are done.
+    def optimizer_step(self, request: OptimizerStepRequest = PLAIN_STEP) -> torch.futures.Future:
+        """Step the worker's stages once their submitted actions are done, as ``request`` says.
 
         The future carries the stages' :class:`~pipetrain.timings.StageReport` list, or the error.
         """
+        ...
+
+    def gradient_norms(self) -> torch.futures.Future:
+        """Stage index -> the 2-norms of that stage's parameter gradients, once the worker's submitted
+        actions are done; or the error. Ask before :meth:`optimizer_step`."""
         ...
 
     def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pipetrain.failures import StageError
-from pipetrain.runner import Work, WorkerRunner, completed
+from pipetrain.runner import PLAIN_STEP, OptimizerStepRequest, Work, WorkerRunner, completed
 from pipetrain.schedule import Schedule
 from pipetrain.stage import Stage
 from pipetrain.transport.handle import ProgressTracker
@@ -50,9 +50,13 @@ class LocalWorkerHandle:
         finished.add_done_callback(tracker.finish)
         return done
 
-    def optimizer_step(self) -> torch.futures.Future:
+    def optimizer_step(self, request: OptimizerStepRequest = PLAIN_STEP) -> torch.futures.Future:
         """Step the stages once their actions are done."""
-        return self.runner.optimizer_step(self._steps_sent)
+        return self.runner.optimizer_step(self._steps_sent, request)
+
+    def gradient_norms(self) -> torch.futures.Future:
+        """The stages' gradient norms once their actions are done."""
+        return self.runner.gradient_norms(self._steps_sent)
 
     def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
         """Run ``fn(stage, *args)`` for each stage now."""

@@ -33,7 +33,7 @@ import torch.distributed.rpc as rpc
 
 from pipetrain.config import RpcConfig
 from pipetrain.failures import StageError
-from pipetrain.runner import Work, WorkerRunner, completed, result_or_error
+from pipetrain.runner import PLAIN_STEP, OptimizerStepRequest, Work, WorkerRunner, completed, result_or_error
 from pipetrain.schedule import Action, Schedule
 from pipetrain.stage import Stage
 from pipetrain.topology import Topology
@@ -110,9 +110,14 @@ class RpcRunner:
             return completed(StageError.wrap(error, min(runner.stages), "step request"))
 
     @rpc.functions.async_execution
-    def optimizer_step(self, step_id: int) -> torch.futures.Future:
+    def optimizer_step(self, step_id: int, request: OptimizerStepRequest) -> torch.futures.Future:
         """Step the stages once their actions of ``step_id`` are done; the future carries their reports."""
-        return self._started().optimizer_step(step_id)
+        return self._started().optimizer_step(step_id, request)
+
+    @rpc.functions.async_execution
+    def gradient_norms(self, step_id: int) -> torch.futures.Future:
+        """The stages' gradient norms once their actions of ``step_id`` are done."""
+        return self._started().gradient_norms(step_id)
 
     @rpc.functions.async_execution
     def fetch(self, action_text: str) -> torch.futures.Future:
@@ -224,9 +229,13 @@ class RpcWorkerHandle:
         reply.add_done_callback(tracker.finish)
         return done
 
-    def optimizer_step(self) -> torch.futures.Future:
+    def optimizer_step(self, request: OptimizerStepRequest = PLAIN_STEP) -> torch.futures.Future:
         """Ask the worker to step its stages once their actions are done."""
-        return self._runner.rpc_async(timeout=_NO_DEADLINE).optimizer_step(self._steps_sent)
+        return self._runner.rpc_async(timeout=_NO_DEADLINE).optimizer_step(self._steps_sent, request)
+
+    def gradient_norms(self) -> torch.futures.Future:
+        """Ask the worker for its gradient norms once its actions are done."""
+        return self._runner.rpc_async(timeout=_NO_DEADLINE).gradient_norms(self._steps_sent)
 
     def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
         """Run ``fn(stage, *args)`` for each stage on the worker (checkpoint saves and the like)."""

@@ -1,0 +1,193 @@
+"""The training loop's options: learning-rate schedules and global gradient-norm clipping.
+
+Each is checked against the unsplit model doing the same thing (``conftest.train_unsplit``), in-process
+and over RPC, and through checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import assert_same_training, make_config, run_command, train_pipelined, train_unsplit
+
+from pipetrain.build import build_schedule_for, build_stages
+from pipetrain.checkpoint import merged_model_state
+from pipetrain.compose import compose_config, to_train_config
+from pipetrain.driver import run_step
+from pipetrain.grad_clip import clip_by_global_norm
+from pipetrain.preflight import check_settings
+from pipetrain.transport import local_workers
+
+pytestmark = pytest.mark.timeout(120)
+
+WARMUP_COSINE = {
+    "_target_": "pipetrain.lr_schedules.warmup_cosine",
+    "_partial_": True,
+    "warmup_steps": 2,
+    "total_steps": 6,
+}
+
+
+def loop_config(schedule: str = "1f1b", clip: float | None = 0.2, steps: int = 6):
+    """The MLP on 2 stages with a warm-up + cosine schedule and clipping that bites in most steps."""
+    cfg = make_config("mlp", 2, schedule, num_microbatches=4, steps=steps, lr=0.5)
+    cfg.lr_scheduler = dict(WARMUP_COSINE, total_steps=steps)
+    cfg.train.clip_grad_norm = clip
+    return cfg
+
+
+def logged(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "schedule,balance,stages_per_worker",
+    [("gpipe", [3, 3], 1), ("1f1b", [3, 3], 1), ("interleaved_1f1b", [2, 1, 2, 1], 2)],
+)
+def test_schedule_and_clipping_equal_the_unsplit_model(tmp_path, schedule, balance, stages_per_worker):
+    cfg = loop_config(schedule)
+    cfg.pipeline.balance = balance
+    cfg.pipeline.stages_per_worker = stages_per_worker
+    reference: dict[str, list[float]] = {}
+    reference_losses, reference_state = train_unsplit(cfg, reference)
+    assert max(reference["grad_norm"]) > cfg.train.clip_grad_norm, "clipping must bite to be tested"
+
+    losses, state = train_pipelined(cfg, tmp_path)
+
+    assert_same_training(losses, state, reference_losses, reference_state)
+    entries = logged(tmp_path)
+    torch.testing.assert_close(
+        torch.tensor([entry["train/grad_norm"] for entry in entries]),
+        torch.tensor(reference["grad_norm"]),
+        rtol=1e-6,
+        atol=0.0,
+    )
+    assert [entry["train/lr"] for entry in entries] == pytest.approx(reference["lr"], rel=1e-12)
+    assert reference["lr"][0] == pytest.approx(0.25) and reference["lr"][1] == pytest.approx(0.5)
+
+
+def test_a_resumed_run_continues_the_learning_rate_schedule_exactly(tmp_path):
+    def config():
+        cfg = loop_config("1f1b", clip=None)
+        cfg.optim = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.01}
+        cfg.checkpoint.every = 3
+        return cfg
+
+    full_losses, full_state = train_pipelined(config(), tmp_path / "full")
+    resumed = config()
+    resumed.checkpoint.resume = str(tmp_path / "full" / "checkpoints" / "step_3")
+    losses, _ = train_pipelined(resumed, tmp_path / "resumed", start_step=3)
+
+    assert losses == full_losses[3:]
+    assert [e["train/lr"] for e in logged(tmp_path / "resumed")] == [
+        e["train/lr"] for e in logged(tmp_path / "full")[3:]
+    ]
+    final = merged_model_state(tmp_path / "resumed" / "checkpoints" / "step_6")
+    for name, value in full_state.items():
+        assert torch.equal(final[name], value), name
+
+
+def test_a_changed_schedule_on_resume_is_named(tmp_path):
+    cfg = loop_config("gpipe", clip=None)
+    cfg.checkpoint.every = 3
+    train_pipelined(cfg, tmp_path / "first")
+    resumed = loop_config("gpipe", clip=None)
+    resumed.lr_scheduler = {}
+    resumed.checkpoint.resume = str(tmp_path / "first" / "checkpoints" / "step_3")
+    lines: list[str] = []
+    train_pipelined(resumed, tmp_path / "second", start_step=3, print_fn=lines.append)
+    notice = next(line for line in lines if "resuming from" in line)
+    assert "lr_scheduler warmup_cosine(warmup_steps=2, total_steps=6) -> none" in notice
+    assert {e["train/lr"] for e in logged(tmp_path / "second")} == {0.5}
+
+
+def test_non_finite_gradients_skip_the_step_on_every_stage():
+    cfg = loop_config("1f1b", clip=1.0, steps=2)
+    cfg.train.stop_on_nan = False
+    plan, stages = build_stages(cfg)
+    schedule = build_schedule_for(cfg, plan.num_stages)
+    handles = local_workers(stages, schedule)
+    before = {n: value.clone() for stage in stages for n, value in stage.module.full_state_dict().items()}
+    shape = (cfg.train.batch_size, cfg.model["in_features"])
+    inputs = torch.randn(shape)
+    inputs[5, 3] = float("nan")  # one sample of one micro-batch: its loss, then every gradient, is NaN
+    targets = torch.zeros(cfg.train.batch_size, dtype=torch.long)
+
+    result = run_step(handles, schedule, inputs, targets, 4, timeout_s=30, clip_grad_norm=1.0)
+
+    assert result.clipped is not None and not result.clipped.finite
+    for stage in stages:
+        for name, value in stage.module.full_state_dict().items():
+            assert torch.equal(value, before[name]), f"{name} changed in a skipped step"
+        assert all(p.grad is None for p in stage.module.parameters())
+        assert stage.optimizer.param_groups[0]["lr"] == pytest.approx(0.5)  # the schedule still advanced
+    finite = run_step(handles, schedule, torch.randn(shape), targets, 4, timeout_s=30)
+    assert finite.clipped is None
+    assert any(not torch.equal(v, before[n]) for s in stages for n, v in s.module.full_state_dict().items())
+
+
+def test_the_global_norm_is_that_of_all_gradients_together():
+    gradients = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2)]
+    norms = [float(torch.linalg.vector_norm(g)) for g in gradients]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in gradients]))
+    clipped = clip_by_global_norm(norms, max_norm=1.0)
+    assert clipped.total_norm == pytest.approx(float(expected), rel=1e-6)
+    assert clipped.grad_scale == pytest.approx(1.0 / (float(expected) + 1e-6), rel=1e-6)
+    assert clip_by_global_norm(norms, max_norm=1e9).grad_scale == 1.0
+    assert not clip_by_global_norm([1.0, float("inf")], 1.0).finite
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.clip_grad_norm=0"], "train.clip_grad_norm: 0"),
+        (["lr_scheduler=cosine", "lr_scheduler._partial_=false"], "lr_scheduler._partial_: must be true"),
+        (["lr_scheduler=cosine", "+lr_scheduler.warmup=3"], "lr_scheduler.warmup: "),
+        (["lr_scheduler=warmup_cosine", "lr_scheduler.warmup_steps=500"], "lr_scheduler: "),
+    ],
+)
+def test_bad_loop_settings_name_their_key(overrides, message):
+    cfg = to_train_config(compose_config(overrides))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        check_settings(cfg)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_rpc_run_with_schedule_and_clipping_equals_unsplit(tmp_path):
+    overrides = [
+        "model.hidden=32",
+        "train.batch_size=16",
+        "train.steps=5",
+        "train.log_every=1",
+        "optim=sgd",
+        "optim.lr=0.5",
+        "schedule=1f1b",
+        "lr_scheduler=warmup_cosine",
+        "lr_scheduler.warmup_steps=2",
+        "train.clip_grad_norm=0.2",
+    ]
+    result = run_command(
+        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 180, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.output[-4000:]
+    reference: dict[str, list[float]] = {}
+    reference_losses, reference_state = train_unsplit(to_train_config(compose_config(overrides)), reference)
+    assert max(reference["grad_norm"]) > 0.2
+    entries = logged(tmp_path)
+    torch.testing.assert_close(
+        torch.tensor([e["train/loss"] for e in entries]), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.tensor([e["train/grad_norm"] for e in entries]),
+        torch.tensor(reference["grad_norm"]),
+        rtol=1e-6,
+        atol=0.0,
+    )
+    assert [e["train/lr"] for e in entries] == pytest.approx(reference["lr"], rel=1e-12)
+    weights = merged_model_state(tmp_path / "checkpoints" / "step_5")
+    for name, value in reference_state.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
