@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from pipetrain.batchnorm import commit_deferred_batchnorm, convert_deferred_batchnorm, deferred_batchnorms
 from pipetrain.checkpoint import find_checkpoint, load_checkpoint, read_manifest, restore_stage
 from pipetrain.config import TrainConfig
+from pipetrain.data import EvalBatches, hold_out
 from pipetrain.losses import get_loss
 from pipetrain.models import model_units
 from pipetrain.partition import StageModule, StagePlan, partition, plan_stages
@@ -32,7 +33,10 @@ __all__ = [
     "build_model",
     "build_plan",
     "build_schedule_for",
+    "DATA_SPEC_EXTRAS",
     "build_dataset",
+    "build_datasets",
+    "build_eval_batches",
     "build_stage",
     "build_stages",
     "build_worker_stages",
@@ -41,6 +45,8 @@ __all__ = [
 
 MODEL_SPEC_EXTRAS = ("init",)
 """Keys of the ``model`` spec that pipetrain reads itself instead of passing to the builder."""
+DATA_SPEC_EXTRAS = ("eval_split",)
+"""Keys of the ``data`` spec that pipetrain reads itself instead of passing to the builder."""
 
 
 def instantiate_model(cfg: TrainConfig) -> nn.Module:
@@ -85,8 +91,32 @@ def build_schedule_for(cfg: TrainConfig, num_stages: int) -> Schedule:
 
 
 def build_dataset(cfg: TrainConfig) -> Dataset:
-    """The training dataset named by ``data``."""
-    return call_target(cfg.data, "data")
+    """The training dataset named by ``data`` (without the part ``data.eval_split`` holds out)."""
+    return build_datasets(cfg)[0]
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
+    """``(train, eval)``: ``data``, minus ``data.eval_split`` of it held out; the evaluation set is
+    ``eval_data`` when given, else that held-out part, else ``None``."""
+    dataset = call_target(cfg.data, "data", skip=DATA_SPEC_EXTRAS)
+    split = cfg.data.get("eval_split")
+    if cfg.eval_data and split:
+        raise ValueError("data.eval_split: set it or eval_data._target_, not both")
+    if split:
+        return hold_out(dataset, float(split), cfg.seed)
+    return dataset, call_target(cfg.eval_data, "eval_data") if cfg.eval_data else None
+
+
+def build_eval_batches(cfg: TrainConfig, eval_set: Dataset | None) -> EvalBatches | None:
+    """The batches of each evaluation pass (``None`` when ``eval.every`` is 0)."""
+    if not cfg.eval.every:
+        return None
+    if eval_set is None:
+        raise ValueError(
+            f"eval.every: {cfg.eval.every} needs an evaluation set; set data.eval_split (e.g. 0.1) or "
+            "eval_data._target_"
+        )
+    return EvalBatches(eval_set, cfg.train.batch_size, cfg.eval.batches)
 
 
 def build_stage(

@@ -18,6 +18,7 @@ __all__ = [
     "PipelineConfig",
     "ScheduleConfig",
     "TrainLoopConfig",
+    "EvalConfig",
     "LogConfig",
     "RpcConfig",
     "CheckpointConfig",
@@ -72,6 +73,16 @@ class TrainLoopConfig:
     """Clip the gradients of *all* stages together to this 2-norm, exactly as
     ``torch.nn.utils.clip_grad_norm_`` on the unsplit model; a step whose norm is not finite is skipped
     on every stage. ``null``: no clipping."""
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Evaluation passes during training: forward only, no autograd, no optimizer step."""
+
+    every: int = 0
+    """Evaluate every this many steps, and after the last step (``0``: never)."""
+    batches: int = 0
+    """Evaluation batches (of ``train.batch_size``, in dataset order) per pass (``0``: all full batches)."""
 
 
 @dataclass(kw_only=True)
@@ -133,7 +144,10 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     """Target spec of a callable returning the ``nn.Module``; ``init`` optionally names a full state dict."""
     data: dict[str, Any] = field(default_factory=dict)
-    """Target spec of a callable returning a map-style dataset of ``(input, target)`` pairs."""
+    """Target spec of a callable returning a map-style dataset of ``(input, target)`` pairs;
+    ``data.eval_split`` (read by pipetrain, not passed on) holds that fraction of it out for evaluation."""
+    eval_data: dict[str, Any] = field(default_factory=dict)
+    """Target spec of the evaluation dataset (empty: ``data.eval_split`` of ``data``, or no evaluation)."""
     optim: dict[str, Any] = field(default_factory=dict)
     """Target spec (with ``_partial_: true``) of an optimizer class; each stage owns one."""
     lr_scheduler: dict[str, Any] = field(default_factory=dict)
@@ -143,6 +157,7 @@ class TrainConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     rpc: RpcConfig = field(default_factory=RpcConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.error import URLError
 
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 __all__ = [
     "synthetic_classification",
@@ -23,6 +23,8 @@ __all__ = [
     "cifar10",
     "imagefolder",
     "check_num_classes",
+    "hold_out",
+    "EvalBatches",
     "BatchOrder",
 ]
 
@@ -220,6 +222,49 @@ def check_num_classes(dataset: Dataset, model_spec: Mapping[str, Any], data_spec
         f"model.num_classes: the model has {num_classes} classes but {source} has {len(classes)} classes "
         f"({shown}); set model.num_classes={len(classes)}"
     )
+
+
+def hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """``(train, eval)``: a seeded random ``fraction`` of ``dataset`` held out for evaluation."""
+    num_samples = len(dataset)  # type: ignore[arg-type]
+    num_eval = round(num_samples * fraction)
+    if not 0 < num_eval < num_samples:
+        raise ValueError(
+            f"data.eval_split: {fraction} of {num_samples} samples leaves no evaluation or no training "
+            "samples; choose a fraction between 0 and 1 that keeps both"
+        )
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, order[num_eval:]), Subset(dataset, order[:num_eval])
+
+
+class EvalBatches:
+    """The batches of an evaluation pass: consecutive ``batch_size`` samples in dataset order, the same
+    every pass; ``num_batches`` of them (``0``: every full batch)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_batches: int = 0) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        num_samples = len(dataset)  # type: ignore[arg-type]
+        available = num_samples // batch_size
+        if available == 0:
+            raise ValueError(
+                f"eval_data / data.eval_split: the evaluation set has {num_samples} samples, fewer than "
+                f"train.batch_size={batch_size}; hold out more data or lower train.batch_size"
+            )
+        if num_batches > available:
+            raise ValueError(
+                f"eval.batches: {num_batches} batches of {batch_size} need {num_batches * batch_size} "
+                f"samples, the evaluation set has {num_samples}; lower eval.batches (0: all {available})"
+            )
+        self.num_batches = num_batches or available
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def batch(self, index: int) -> tuple[Any, Any]:
+        """The collated ``(inputs, targets)`` of batch ``index``."""
+        start = index * self.batch_size
+        return default_collate([self.dataset[i] for i in range(start, start + self.batch_size)])
 
 
 class BatchOrder:

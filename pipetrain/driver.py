@@ -31,12 +31,12 @@ from pipetrain.checkpoint import (
     written_bytes,
 )
 from pipetrain.config import TrainConfig
-from pipetrain.data import BatchOrder
+from pipetrain.data import BatchOrder, EvalBatches
 from pipetrain.executor import execute, wait_all
 from pipetrain.failures import RunStopped, StageFailure, interrupt_requested, stop_requested
 from pipetrain.grad_clip import GlobalNorm
 from pipetrain.loader import DataError, step_batches
-from pipetrain.metrics import MetricsLogger, StepMetrics, format_progress, step_metrics
+from pipetrain.metrics import Evaluation, MetricsLogger, StepMetrics, format_progress, step_metrics
 from pipetrain.partition import StagePlan
 from pipetrain.profiling import merge_trace, request_profile, summarize, write_profile
 from pipetrain.schedule import Schedule
@@ -127,12 +127,14 @@ class Driver:
         batches: BatchOrder,
         run_dir: Path | None = None,
         print_fn: Callable[[str], Any] = print,
+        eval_batches: EvalBatches | None = None,
     ) -> None:
         self.cfg = cfg
         self.handles = list(handles)
         self.plan = plan
         self.schedule = build_schedule_for(cfg, plan.num_stages)
         self.batches = batches
+        self.eval_batches = eval_batches
         self.run_dir = run_dir
         self.print_fn = print_fn
         self.logger = MetricsLogger(run_dir) if run_dir is not None else None
@@ -182,8 +184,9 @@ class Driver:
                 result = dataclasses.replace(
                     result, step_time_s=step_end - previous_end, data_time_s=data_time_s
                 )
-                last_metrics = self._record(step + 1, result) or last_metrics
-                previous_end = step_end
+                evaluation = self.evaluate(step + 1) if self._evaluation_due(step + 1) else None
+                last_metrics = self._record(step + 1, result, evaluation) or last_metrics
+                previous_end = step_end + (time.time() - step_end if evaluation is not None else 0.0)
             if self.logger is not None and last_metrics is not None:
                 self.logger.log_hparams(_hparams(cfg, self.plan.num_stages), _final_figures(last_metrics))
         finally:
@@ -213,12 +216,42 @@ class Driver:
         path = self.save_checkpoint(steps_done)
         self.print_fn(f"pipetrain: saved {path}; continue with checkpoint.resume={path}")
 
-    def _record(self, steps_done: int, result: StepResult) -> StepMetrics | None:
+    def _evaluation_due(self, steps_done: int) -> bool:
+        every = self.cfg.eval.every
+        due = every and (steps_done % every == 0 or steps_done == self.cfg.train.steps)
+        return bool(due) and self.eval_batches is not None
+
+    def evaluate(self, step: int) -> Evaluation:
+        """One evaluation pass over :attr:`eval_batches`: forward only through the workers, no autograd."""
+        assert self.eval_batches is not None
+        schedule = self.schedule.forward_only()
+        losses, correct, predictions = [], 0, 0
+        with _naming_step(step):
+            for index in range(len(self.eval_batches)):
+                inputs, targets = self.eval_batches.batch(index)
+                micro_inputs, micro_targets = split_microbatches(
+                    inputs, targets, self.cfg.pipeline.num_microbatches
+                )
+                executed = execute(
+                    schedule, self.handles, micro_inputs, micro_targets, self.cfg.rpc.timeout_s, evaluate=True
+                )
+                last = executed.reports[-1]
+                losses.append(sum(last.losses))
+                correct, predictions = correct + last.correct, predictions + last.predictions
+        return Evaluation(
+            loss=sum(losses) / len(losses),
+            accuracy=correct / predictions if predictions else None,
+            samples=len(self.eval_batches) * self.eval_batches.batch_size,
+        )
+
+    def _record(
+        self, steps_done: int, result: StepResult, evaluation: Evaluation | None
+    ) -> StepMetrics | None:
         """Log, trace and checkpoint as configured after ``steps_done`` steps; the metrics if logged."""
         cfg = self.cfg
         is_last = steps_done == cfg.train.steps
         metrics = None
-        if steps_done % cfg.train.log_every == 0 or is_last:
+        if steps_done % cfg.train.log_every == 0 or is_last or evaluation is not None:
             metrics = step_metrics(
                 steps_done,
                 result.loss,
@@ -229,6 +262,7 @@ class Driver:
                 self.schedule,
                 data_time_s=result.data_time_s,
                 grad_norm=None if result.clipped is None else result.clipped.total_norm,
+                evaluation=evaluation,
             )
             self.print_fn(format_progress(metrics, cfg.train.steps))
             if self.logger is not None:

@@ -50,6 +50,7 @@ def execute(
     timeout_s: float | None = None,
     profile: bool = False,
     clip_grad_norm: float | None = None,
+    evaluate: bool = False,
 ) -> ExecutedStep:
     """Run every action of ``schedule``, then every stage's optimizer step; wait until all are done.
 
@@ -57,6 +58,8 @@ def execute(
     With ``profile``, every worker runs the step under ``torch.profiler`` (:mod:`pipetrain.profiling`).
     With ``clip_grad_norm``, the gradients of all stages are scaled to that global 2-norm at most before
     the optimizer steps (:mod:`pipetrain.grad_clip`), or dropped with no step where it is not finite.
+    With ``evaluate``, ``schedule`` is a forward-only one (:meth:`Schedule.forward_only`) and the workers
+    run an evaluation pass: no autograd, no optimizer step; the reports carry its losses and predictions.
     Raises :class:`StageFailure` for the first action or step to fail, or when nothing completes for
     ``timeout_s`` seconds.
     """
@@ -76,14 +79,17 @@ def execute(
             )
             for action in schedule[handle.worker_idx]
         ]
-        done.update(zip(schedule[handle.worker_idx], handle.submit(work, profile), strict=True))
+        futures = handle.submit(work, profile, evaluate)
+        done.update(zip(schedule[handle.worker_idx], futures, strict=True))
     issued = [(action, done[action]) for action in order]
     actions_done_at = torch.futures.collect_all([future for _, future in issued]).then(lambda _: time.time())
     worker_labels = {handle.worker_idx: handle.label for handle in handles}
     labels = {stage: worker_labels[schedule.worker_of(stage)] for stage in range(schedule.num_stages)}
     # With clipping, the stages step only once every worker's gradient norms are in; otherwise each
     # worker is asked for its step right away and steps each stage as soon as that stage is done.
-    if clip_grad_norm is None:
+    if evaluate:
+        after_actions = [(handle.worker_idx, "evaluation", handle.evaluation_reports()) for handle in handles]
+    elif clip_grad_norm is None:
         after_actions = [(handle.worker_idx, "optimizer step", handle.optimizer_step()) for handle in handles]
     else:
         after_actions = [(handle.worker_idx, "gradient norms", handle.gradient_norms()) for handle in handles]
@@ -115,7 +121,7 @@ def execute(
     pending += [(worker_labels[worker], what, reply) for worker, what, reply in after_actions]
     values = wait_all(pending, timeout_s, labels, _blame)[len(issued) :]
     clipped = None
-    if clip_grad_norm is not None:
+    if clip_grad_norm is not None and not evaluate:
         by_stage = {stage_idx: norms for worker_norms in values for stage_idx, norms in worker_norms.items()}
         # In stage order, so the norms are in the unsplit model's parameter order.
         clipped = clip_by_global_norm([n for idx in sorted(by_stage) for n in by_stage[idx]], clip_grad_norm)

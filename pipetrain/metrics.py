@@ -24,6 +24,7 @@ from pipetrain.timings import SpanCategory, StageReport
 from pipetrain.trace import write_chrome_trace
 
 __all__ = [
+    "Evaluation",
     "StepMetrics",
     "WorkerFigures",
     "worker_figures",
@@ -51,6 +52,17 @@ class WorkerFigures:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """The result of one evaluation pass."""
+
+    loss: float
+    """Mean loss over the evaluation samples."""
+    accuracy: float | None
+    """Share of correct predictions (classification), else ``None``."""
+    samples: int
+
+
+@dataclass(frozen=True)
 class StepMetrics:
     """Everything logged for one training step."""
 
@@ -72,6 +84,8 @@ class StepMetrics:
     """The step's learning rate (``None``: no stage has an optimizer)."""
     grad_norm: float | None = None
     """The global gradient norm before clipping (only with ``train.clip_grad_norm``)."""
+    evaluation: Evaluation | None = None
+    """The evaluation pass run after this step, if one was."""
 
     def scalars(self) -> dict[str, float]:
         """The tag -> value mapping written to TensorBoard and ``metrics.jsonl``."""
@@ -90,6 +104,10 @@ class StepMetrics:
             scalars["train/lr"] = float(self.learning_rate)
         if self.grad_norm is not None:
             scalars["train/grad_norm"] = float(self.grad_norm)
+        if self.evaluation is not None:
+            scalars["eval/loss"] = float(self.evaluation.loss)
+            if self.evaluation.accuracy is not None:
+                scalars["eval/accuracy"] = float(self.evaluation.accuracy)
         for k, figures in enumerate(self.workers):
             scalars[f"worker{k}/busy_s"] = float(figures.busy_s)
             scalars[f"worker{k}/idle_s"] = float(figures.idle_s)
@@ -168,6 +186,7 @@ def step_metrics(
     schedule: Schedule,
     data_time_s: float = 0.0,
     grad_norm: float | None = None,
+    evaluation: Evaluation | None = None,
 ) -> StepMetrics:
     """Assemble the :class:`StepMetrics` of one step from the stages' reports.
 
@@ -189,6 +208,7 @@ def step_metrics(
         data_time_s=float(data_time_s),
         learning_rate=rates[0] if rates else None,
         grad_norm=grad_norm,
+        evaluation=evaluation,
     )
 
 
@@ -200,11 +220,16 @@ def format_progress(metrics: StepMetrics, total_steps: int) -> str:
     The bubble shown is the measured one; ``predicted`` is the simulator's with unit costs.
     """
     width = max(4, len(str(total_steps)))
-    return (
+    line = (
         f"step {metrics.step:>{width}d}/{total_steps}  loss {metrics.loss:.4f}  "
         f"{metrics.samples_per_sec:.1f} samples/s  "
         f"bubble {metrics.bubble_fraction:.2f} (predicted {metrics.bubble_fraction_predicted:.2f})"
     )
+    if metrics.evaluation is not None:
+        line += f"  eval loss {metrics.evaluation.loss:.4f}"
+        if metrics.evaluation.accuracy is not None:
+            line += f" accuracy {metrics.evaluation.accuracy:.3f}"
+    return line
 
 
 def _hparam_value(value: object) -> float | int | str | bool:

@@ -11,8 +11,10 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipetrain.build import (
+    DATA_SPEC_EXTRAS,
     MODEL_SPEC_EXTRAS,
-    build_dataset,
+    build_datasets,
+    build_eval_batches,
     build_plan,
     build_schedule_for,
     instantiate_model,
@@ -59,9 +61,13 @@ def check_settings(cfg: TrainConfig) -> None:
             "device: cuda requested but no CUDA device is visible; use device=cpu or device=auto"
         )
     get_loss(cfg.train.loss)
+    _at_least(cfg.eval.every, 0, "eval.every")
+    _at_least(cfg.eval.batches, 0, "eval.batches")
+    extras = {"model": MODEL_SPEC_EXTRAS, "data": DATA_SPEC_EXTRAS}
     for key in ("model", "data", "optim"):
-        spec = getattr(cfg, key)
-        check_target_arguments(spec, key, skip=MODEL_SPEC_EXTRAS if key == "model" else ())
+        check_target_arguments(getattr(cfg, key), key, skip=extras.get(key, ()))
+    if cfg.eval_data:
+        check_target_arguments(cfg.eval_data, "eval_data")
     if not cfg.optim.get("_partial_", False):
         raise ValueError(
             "optim._partial_: must be true (each stage builds its optimizer on its own parameters)"
@@ -94,7 +100,8 @@ def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
     partition(model, plan)
     build_schedule_for(cfg, plan.num_stages)
     if check_data:
-        dataset = build_dataset(cfg)
+        dataset, eval_set = build_datasets(cfg)
+        build_eval_batches(cfg, eval_set)
         check_num_classes(dataset, cfg.model, cfg.data)
         if len(dataset) < cfg.train.batch_size:
             raise ValueError(

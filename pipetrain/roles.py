@@ -6,7 +6,13 @@ import os
 import time
 from pathlib import Path
 
-from pipetrain.build import build_dataset, build_schedule_for, build_worker_stages, resume_step
+from pipetrain.build import (
+    build_datasets,
+    build_eval_batches,
+    build_schedule_for,
+    build_worker_stages,
+    resume_step,
+)
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
@@ -45,8 +51,9 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
         print(f"pipetrain: run stopped: {StageFailure(label, error.action, error)}", flush=True)
         shutdown_rpc(graceful=False)
         return 1
-    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
-    driver = Driver(cfg, handles, plan, batches, run_dir)
+    train_set, eval_set = build_datasets(cfg)
+    batches = BatchOrder(train_set, cfg.train.batch_size, cfg.seed)
+    driver = Driver(cfg, handles, plan, batches, run_dir, eval_batches=build_eval_batches(cfg, eval_set))
     try:
         wall, cpu = time.monotonic(), time.process_time()
         driver.train(start_step=resume_step(cfg))

@@ -117,6 +117,7 @@ class WorkerRunner:
         self.stages = dict(stages)
         self.schedule = schedule
         self._order = tuple(schedule[worker_idx])
+        self._forward_order = tuple(schedule.forward_only()[worker_idx])
         expected = set(schedule.stages_of(worker_idx))
         if set(self.stages) != expected:
             raise ValueError(
@@ -135,28 +136,39 @@ class WorkerRunner:
         self._fetch_remote = fetch_remote
 
     def run_actions(
-        self, step_id: int, work: Work, progress: Callable[[int], None], profile: bool = False
+        self,
+        step_id: int,
+        work: Work,
+        progress: Callable[[int], None],
+        profile: bool = False,
+        evaluate: bool = False,
     ) -> torch.futures.Future:
         """Start the step's actions; the future completes (``None``, or the error) when all have run.
 
         ``progress(n)`` is called from the compute thread each time the first ``n`` actions are done. With
         ``profile``, the step runs under ``torch.profiler`` until its optimizer steps are done; then
-        :meth:`collect_profile` hands the profile out.
+        :meth:`collect_profile` hands the profile out. With ``evaluate``, ``work`` is the forward actions
+        only (:meth:`Schedule.forward_only`), run by :meth:`Stage.evaluate`; no optimizer step follows,
+        :meth:`evaluation_reports` collects the results.
         """
         actions = tuple(action for action, _, _ in work)
-        if actions != self._order:
+        expected = self._forward_order if evaluate else self._order
+        if actions != expected:
             raise RuntimeError(
                 f"worker {self.worker_idx}: received actions {list(map(str, actions))}, but its schedule "
-                f"is {list(map(str, self._order))}"
+                f"is {list(map(str, expected))}"
             )
         received = time.time()
         arrivals = [self._arrival(action, value) for action, value, _ in work]
         done = self._step(step_id).actions_done
         devices = [stage.device for stage in self.stages.values()]
         profiler = StepProfiler(self.worker_idx, devices) if profile else None
-        self._compute.submit(
-            self._run, self._step(step_id), work, arrivals, received, progress, done, profiler
-        )
+        if evaluate:
+            self._compute.submit(self._evaluate, self._step(step_id), work, arrivals, progress, done)
+        else:
+            self._compute.submit(
+                self._run, self._step(step_id), work, arrivals, received, progress, done, profiler
+            )
         return done
 
     def optimizer_step(
@@ -169,6 +181,14 @@ class WorkerRunner:
         state = self._step(step_id)
         if not state.step_requested.done():
             state.step_requested.set_result(request)
+        return state.reports
+
+    def evaluation_reports(self, step_id: int) -> torch.futures.Future:
+        """Once the evaluation actions of ``step_id`` are done: the stages' evaluation reports (in stage
+        order), or the error."""
+        state = self._step(step_id)
+        if not state.step_requested.done():
+            state.step_requested.set_result(None)
         return state.reports
 
     def gradient_norms(self, step_id: int) -> torch.futures.Future:
@@ -300,6 +320,42 @@ class WorkerRunner:
         with self._lock:
             self._steps = {key: value for key, value in self._steps.items() if value is not state}
         state.reports.set_result([reports[idx] for idx in sorted(reports)])
+
+    def _evaluate(
+        self,
+        state: _StepState,
+        work: Work,
+        arrivals: Sequence[Any],
+        progress: Callable[[int], None],
+        done: torch.futures.Future,
+    ) -> None:
+        """An evaluation pass on the compute thread: forward actions only, then the stages' results."""
+        local_outputs: dict[Action, Any] = {}
+        position, failed_stage, running = 0, min(self.stages), "evaluation"
+        try:
+            for position, ((action, _, target), arrival) in enumerate(zip(work, arrivals, strict=True)):
+                failed_stage, running = action.stage_idx, f"evaluation {_what(action)}"
+                if arrival is _LOCAL:
+                    value = local_outputs.pop(input_dependency(action, self.schedule))
+                else:
+                    value = _result(arrival)[0]
+                output = self.stages[action.stage_idx].evaluate(action.mb_idx, value, target)
+                self._hand_over(action, output, local_outputs)
+                progress(position + 1)
+            position = len(work)
+            done.set_result(None)
+            state.step_requested.wait()
+            reports = [self.stages[idx].evaluation_report() for idx in sorted(self.stages)]
+        except Exception as error:  # every waiter learns of the failure, nothing waits forever
+            failure = StageError.wrap(error, failed_stage, running)
+            self._fail_outbox(work[position:], failure)
+            if not done.done():
+                done.set_result(failure)
+            state.reports.set_result(failure)
+            return
+        with self._lock:
+            self._steps = {key: value for key, value in self._steps.items() if value is not state}
+        state.reports.set_result(reports)
 
     def _await_input(
         self, action: Action, arrival: torch.futures.Future, profiler: StepProfiler | None

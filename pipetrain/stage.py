@@ -76,6 +76,8 @@ class Stage:
         self._inputs: dict[int, Any] = {}
         self._outputs: dict[int, Any] = {}
         self._losses: dict[int, float] = {}
+        self._correct = 0
+        self._predictions = 0
         self._spans: list[Span] = []
         self._saved_bytes: dict[int, int] = {}
         self._held_bytes = 0
@@ -123,6 +125,43 @@ class Stage:
         self._peak_saved_bytes = max(self._peak_saved_bytes, self._held_bytes)
         self._record(Action(self.stage_idx, ActionKind.FORWARD, mb_idx), start)
         return boundary.detach(output)
+
+    def evaluate(self, mb_idx: int, inputs: Any, target: Any | None = None) -> Any:
+        """Run micro-batch ``mb_idx`` forward for evaluation: eval mode, no autograd, nothing kept.
+
+        Returns the output (on the last stage: the scaled loss, which is also recorded, with the count of
+        correct predictions when the loss is a classification). Collect with :meth:`evaluation_report`.
+        """
+        x = boundary.to_device(inputs, self.device, non_blocking=True)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                output = self.module(x)
+                if not self.is_last:
+                    return output
+                target = boundary.to_device(target, self.device, non_blocking=True)
+                loss = self._loss_fn(output, target) * self._loss_scale
+                self._losses[mb_idx] = loss.item()
+                if _is_class_prediction(output, target):
+                    self._correct += int((output.argmax(dim=-1) == target).sum())
+                    self._predictions += target.numel()
+                return loss
+        finally:
+            self.module.train(was_training)
+
+    def evaluation_report(self) -> StageReport:
+        """The losses and prediction counts of the evaluation micro-batches run since the last report."""
+        report = StageReport(
+            stage_idx=self.stage_idx,
+            spans=(),
+            losses=tuple(self._losses[mb] for mb in sorted(self._losses)),
+            correct=self._correct,
+            predictions=self._predictions,
+        )
+        self._losses.clear()
+        self._correct = self._predictions = 0
+        return report
 
     def backward(self, mb_idx: int, grad_output: Any | None = None) -> Any | None:
         """Run micro-batch ``mb_idx`` backward; return the gradient of its input (``None`` on stage 0).
@@ -258,3 +297,14 @@ def _counting_pack(total: list[int], skip_storages: set[int]) -> Callable[[torch
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _is_class_prediction(output: Any, target: Any) -> bool:
+    """Whether ``output`` holds class scores for integer ``target``: ``(..., C)`` logits, ``(...)`` labels."""
+    return (
+        isinstance(output, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and not target.is_floating_point()
+        and output.dim() == target.dim() + 1
+        and output.shape[:-1] == target.shape
+    )

@@ -57,6 +57,11 @@ class StageReport:
     """Peak bytes autograd held for backward across the micro-batches in flight (any device)."""
     learning_rate: float | None = None
     """The learning rate of the step (of the optimizer's first parameter group); ``None``: no optimizer."""
+    correct: int = 0
+    """Evaluation, last stage, classification: predictions (arg-max of the last dimension) equal to the
+    target."""
+    predictions: int = 0
+    """Evaluation, last stage, classification: predictions made (``correct`` out of these)."""
 
     def total(self, category: SpanCategory) -> float:
         """Total seconds spent in ``category``."""

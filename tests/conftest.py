@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from pipetrain.build import build_dataset, build_model, build_schedule_for, build_stages
+from pipetrain.build import (
+    build_dataset,
+    build_datasets,
+    build_eval_batches,
+    build_model,
+    build_schedule_for,
+    build_stages,
+)
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
@@ -133,9 +140,18 @@ def train_pipelined(cfg, run_dir=None, start_step: int = 0, print_fn=None):
     steps run and the final parameters and buffers under their full-model names."""
     plan, stages = build_stages(cfg)
     schedule = build_schedule_for(cfg, plan.num_stages)
-    batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
+    train_set, eval_set = build_datasets(cfg)
+    batches = BatchOrder(train_set, cfg.train.batch_size, cfg.seed)
     handles = local_workers(stages, schedule)
-    driver = Driver(cfg, handles, plan, batches, run_dir, print_fn=print_fn or (lambda _: None))
+    driver = Driver(
+        cfg,
+        handles,
+        plan,
+        batches,
+        run_dir,
+        print_fn=print_fn or (lambda _: None),
+        eval_batches=build_eval_batches(cfg, eval_set),
+    )
     losses = driver.train(start_step=start_step)
     return losses, {name: value for stage in stages for name, value in stage.module.full_state_dict().items()}
 

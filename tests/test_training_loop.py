@@ -1,4 +1,4 @@
-"""The training loop's options: learning-rate schedules and global gradient-norm clipping.
+"""The training loop's options: learning-rate schedules, global gradient-norm clipping, evaluation.
 
 Each is checked against the unsplit model doing the same thing (``conftest.train_unsplit``), in-process
 and over RPC, and through checkpoints and resume.
@@ -6,19 +6,22 @@ and over RPC, and through checkpoints and resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import sys
 
 import pytest
 import torch
 from conftest import assert_same_training, make_config, run_command, train_pipelined, train_unsplit
 
-from pipetrain.build import build_schedule_for, build_stages
+from pipetrain.build import build_datasets, build_eval_batches, build_model, build_schedule_for, build_stages
 from pipetrain.checkpoint import merged_model_state
 from pipetrain.compose import compose_config, to_train_config
 from pipetrain.driver import run_step
 from pipetrain.grad_clip import clip_by_global_norm
-from pipetrain.preflight import check_settings
+from pipetrain.losses import get_loss
+from pipetrain.preflight import check_settings, preflight
 from pipetrain.transport import local_workers
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,7 +160,7 @@ def test_bad_loop_settings_name_their_key(overrides, message):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
-def test_rpc_run_with_schedule_and_clipping_equals_unsplit(tmp_path):
+def test_rpc_run_with_schedule_clipping_and_evaluation_equals_unsplit(tmp_path):
     overrides = [
         "model.hidden=32",
         "train.batch_size=16",
@@ -169,6 +172,9 @@ def test_rpc_run_with_schedule_and_clipping_equals_unsplit(tmp_path):
         "lr_scheduler=warmup_cosine",
         "lr_scheduler.warmup_steps=2",
         "train.clip_grad_norm=0.2",
+        "data.eval_split=0.25",
+        "eval.every=2",
+        "eval.batches=4",
     ]
     result = run_command(
         [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 180, cwd=tmp_path
@@ -191,3 +197,79 @@ def test_rpc_run_with_schedule_and_clipping_equals_unsplit(tmp_path):
     weights = merged_model_state(tmp_path / "checkpoints" / "step_5")
     for name, value in reference_state.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    evaluated = {e["step"]: (e["eval/loss"], e["eval/accuracy"]) for e in entries if "eval/loss" in e}
+    assert sorted(evaluated) == [2, 4, 5]
+    cfg = to_train_config(compose_config(overrides))
+    for step, (loss, accuracy) in evaluated.items():
+        reference_loss, reference_accuracy = unsplit_evaluation(cfg, step)
+        assert loss == pytest.approx(reference_loss, rel=1e-5, abs=1e-6)
+        assert accuracy == pytest.approx(reference_accuracy, abs=1e-9)
+
+
+def unsplit_evaluation(cfg, steps: int) -> tuple[float, float]:
+    """The unsplit model after ``steps`` training steps, evaluated on the held-out batches."""
+    trained = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    model = build_model(cfg)
+    model.load_state_dict(train_unsplit(trained)[1])
+    model.eval()
+    batches = build_eval_batches(cfg, build_datasets(cfg)[1])
+    loss_fn = get_loss(cfg.train.loss)
+    losses, correct, count = [], 0, 0
+    with torch.no_grad():
+        for index in range(len(batches)):
+            inputs, targets = batches.batch(index)
+            logits = model(inputs)
+            losses.append(loss_fn(logits, targets).item())
+            correct += int((logits.argmax(-1) == targets).sum())
+            count += targets.numel()
+    return sum(losses) / len(losses), correct / count
+
+
+def eval_config(schedule: str, balance: list[int], stages_per_worker: int = 1):
+    cfg = make_config("mlp", 2, schedule, num_microbatches=4, steps=4, lr=0.5)
+    cfg.pipeline.balance = balance
+    cfg.pipeline.stages_per_worker = stages_per_worker
+    cfg.data = dict(cfg.data, eval_split=0.25)
+    cfg.eval.every = 3  # after step 3, and after the last step (4)
+    cfg.train.log_every = 2
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "schedule,balance,stages_per_worker", [("1f1b", [3, 3], 1), ("interleaved_1f1b", [2, 1, 2, 1], 2)]
+)
+def test_evaluation_equals_the_unsplit_model_in_eval_mode(tmp_path, schedule, balance, stages_per_worker):
+    cfg = eval_config(schedule, balance, stages_per_worker)
+    lines: list[str] = []
+    losses, state = train_pipelined(cfg, tmp_path, print_fn=lines.append)
+
+    reference_losses, reference_state = train_unsplit(cfg)
+    assert_same_training(losses, state, reference_losses, reference_state)  # evaluation changes nothing
+    entries = {entry["step"]: entry for entry in logged(tmp_path)}
+    assert sorted(entries) == [2, 3, 4]
+    assert "eval/loss" not in entries[2]
+    for step in (3, 4):
+        loss, accuracy = unsplit_evaluation(cfg, step)
+        assert entries[step]["eval/loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+        assert entries[step]["eval/accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert any("eval loss" in line and "accuracy" in line for line in lines)
+    held_out = len(build_datasets(cfg)[1])
+    assert held_out == 64 and len(build_datasets(cfg)[0]) == 256 - held_out
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"every": 2}, "eval.every: 2 needs an evaluation set"),
+        ({"every": 2, "eval_split": 1.0}, "data.eval_split: 1.0 of 256 samples"),
+        ({"every": 2, "eval_split": 0.25, "batches": 9}, "eval.batches: 9 batches of 16"),
+    ],
+)
+def test_bad_evaluation_settings_name_their_key(change, message):
+    cfg = make_config("mlp", 2)
+    cfg.eval.every = change["every"]
+    cfg.eval.batches = change.get("batches", 0)
+    if "eval_split" in change:
+        cfg.data = dict(cfg.data, eval_split=change["eval_split"])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        preflight(cfg)

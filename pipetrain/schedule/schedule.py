@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from pipetrain.schedule.actions import Action
+from pipetrain.schedule.actions import Action, ActionKind
 
 __all__ = ["Schedule"]
 
@@ -110,6 +110,14 @@ class Schedule:
     def one_stage_per_worker(self) -> bool:
         """Whether worker ``k`` hosts exactly stage ``k``, for every ``k``."""
         return self.placement == tuple(range(self.num_workers))
+
+    def forward_only(self) -> Schedule:
+        """The forward actions only, in the same order on the same workers: an evaluation pass.
+
+        Dropping actions from a schedule that runs leaves one that runs (each worker's order is kept).
+        """
+        rows = tuple(tuple(a for a in row if a.kind is ActionKind.FORWARD) for row in self.actions)
+        return Schedule(rows, self.placement, self.num_microbatches, f"{self.name} (forward only)")
 
     def __getitem__(self, worker_idx: int) -> tuple[Action, ...]:
         return self.actions[worker_idx]

@@ -33,10 +33,12 @@ class WorkerHandle(Protocol):
         """How errors name this worker, e.g. ``"worker 1 (rank 2)"``."""
         ...
 
-    def submit(self, work: Work, profile: bool = False) -> list[torch.futures.Future]:
+    def submit(self, work: Work, profile: bool = False, evaluate: bool = False) -> list[torch.futures.Future]:
         """Hand the worker its actions of the next step; one future per action, done when it has run.
 
         With ``profile``, the worker runs the step (its optimizer steps included) under ``torch.profiler``.
+        With ``evaluate``, the actions are an evaluation pass (forward only, no autograd); collect its
+        results with :meth:`evaluation_reports` instead of an optimizer step.
         """
         ...
 
@@ -45,6 +47,11 @@ class WorkerHandle(Protocol):
 
         The future carries the stages' :class:`~pipetrain.timings.StageReport` list, or the error.
         """
+        ...
+
+    def evaluation_reports(self) -> torch.futures.Future:
+        """The stages' :class:`~pipetrain.timings.StageReport` list of the submitted evaluation pass once it
+        is done (losses and prediction counts), or the error."""
         ...
 
     def gradient_norms(self) -> torch.futures.Future:

@@ -34,7 +34,7 @@ class LocalWorkerHandle:
         """``"worker <k> (in-process)"``."""
         return f"worker {self.worker_idx} (in-process)"
 
-    def submit(self, work: Work, profile: bool = False) -> list[torch.futures.Future]:
+    def submit(self, work: Work, profile: bool = False, evaluate: bool = False) -> list[torch.futures.Future]:
         """Start the actions on the worker's compute thread (under ``torch.profiler`` with ``profile``).
 
         torch.profiler profiles one worker per process at a time: a step profiled on several in-process
@@ -44,7 +44,7 @@ class LocalWorkerHandle:
         done = [torch.futures.Future() for _ in work]
         tracker = ProgressTracker(self._steps_sent, done)
         try:
-            finished = self.runner.run_actions(self._steps_sent, work, tracker.advance, profile)
+            finished = self.runner.run_actions(self._steps_sent, work, tracker.advance, profile, evaluate)
         except Exception as error:
             finished = completed(StageError.wrap(error, min(self.runner.stages), "step request"))
         finished.add_done_callback(tracker.finish)
@@ -53,6 +53,10 @@ class LocalWorkerHandle:
     def optimizer_step(self, request: OptimizerStepRequest = PLAIN_STEP) -> torch.futures.Future:
         """Step the stages once their actions are done."""
         return self.runner.optimizer_step(self._steps_sent, request)
+
+    def evaluation_reports(self) -> torch.futures.Future:
+        """The stages' results of the evaluation pass once it is done."""
+        return self.runner.evaluation_reports(self._steps_sent)
 
     def gradient_norms(self) -> torch.futures.Future:
         """The stages' gradient norms once their actions are done."""

@@ -98,14 +98,15 @@ class RpcRunner:
 
     @rpc.functions.async_execution
     def run_actions(
-        self, step_id: int, work: list[tuple[str, Any, Any]], profile: bool = False
+        self, step_id: int, work: list[tuple[str, Any, Any]], profile: bool = False, evaluate: bool = False
     ) -> torch.futures.Future:
-        """Run the step's actions (text form), profiled with ``profile``; reports progress to the board."""
+        """Run the step's actions (text form), profiled with ``profile``, as an evaluation pass with
+        ``evaluate``; reports progress to the board."""
         runner = self._started()
         sender = _ProgressSender(self._board, self.worker_idx, step_id)
         try:
             parsed = [(Action.parse(text), value, target) for text, value, target in work]
-            return runner.run_actions(step_id, parsed, sender.advance, profile)
+            return runner.run_actions(step_id, parsed, sender.advance, profile, evaluate)
         except Exception as error:
             return completed(StageError.wrap(error, min(runner.stages), "step request"))
 
@@ -113,6 +114,11 @@ class RpcRunner:
     def optimizer_step(self, step_id: int, request: OptimizerStepRequest) -> torch.futures.Future:
         """Step the stages once their actions of ``step_id`` are done; the future carries their reports."""
         return self._started().optimizer_step(step_id, request)
+
+    @rpc.functions.async_execution
+    def evaluation_reports(self, step_id: int) -> torch.futures.Future:
+        """The stages' results of evaluation pass ``step_id`` once it is done."""
+        return self._started().evaluation_reports(step_id)
 
     @rpc.functions.async_execution
     def gradient_norms(self, step_id: int) -> torch.futures.Future:
@@ -218,20 +224,26 @@ class RpcWorkerHandle:
         """``"worker <k> (rank <r>)"``."""
         return f"worker {self.worker_idx} (rank {self.rank})"
 
-    def submit(self, work: Work, profile: bool = False) -> list[torch.futures.Future]:
+    def submit(self, work: Work, profile: bool = False, evaluate: bool = False) -> list[torch.futures.Future]:
         """Send the step's actions in one request; the worker's progress reports complete their futures."""
         self._steps_sent += 1
         done = [torch.futures.Future() for _ in work]
         tracker = ProgressTracker(self._steps_sent, done)
         self._board.track(self.worker_idx, tracker)
         texts = [(str(action), value, target) for action, value, target in work]
-        reply = self._runner.rpc_async(timeout=_NO_DEADLINE).run_actions(self._steps_sent, texts, profile)
+        reply = self._runner.rpc_async(timeout=_NO_DEADLINE).run_actions(
+            self._steps_sent, texts, profile, evaluate
+        )
         reply.add_done_callback(tracker.finish)
         return done
 
     def optimizer_step(self, request: OptimizerStepRequest = PLAIN_STEP) -> torch.futures.Future:
         """Ask the worker to step its stages once their actions are done."""
         return self._runner.rpc_async(timeout=_NO_DEADLINE).optimizer_step(self._steps_sent, request)
+
+    def evaluation_reports(self) -> torch.futures.Future:
+        """Ask the worker for its results of the evaluation pass once it is done."""
+        return self._runner.rpc_async(timeout=_NO_DEADLINE).evaluation_reports(self._steps_sent)
 
     def gradient_norms(self) -> torch.futures.Future:
         """Ask the worker for its gradient norms once its actions are done."""
