@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
 
 __all__ = [
     "synthetic_classification",
+    "digits",
     "synthetic_tokens",
     "synthetic_images",
     "cifar10",
@@ -37,6 +38,21 @@ def synthetic_classification(
     inputs = torch.randn(num_samples, in_features, generator=generator)
     labels = (inputs @ torch.randn(in_features, num_classes, generator=generator)).argmax(dim=1)
     return TensorDataset(inputs, labels)
+
+
+def digits() -> Dataset:
+    """scikit-learn's bundled handwritten digits: 1,797 8x8 images as 64 features scaled to [0, 1], 10
+    classes. Needs the ``digits`` extra (``pip install 'pipetrain[digits]'``)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ValueError(
+            "data=digits: needs scikit-learn, which is not installed; install the extra with "
+            "pip install 'pipetrain[digits]' (or pip install scikit-learn)"
+        ) from error
+    bunch = load_digits()
+    inputs = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
+    return TensorDataset(inputs, torch.tensor(bunch.target, dtype=torch.long))
 
 
 def synthetic_tokens(

@@ -273,3 +273,24 @@ def test_bad_evaluation_settings_name_their_key(change, message):
         cfg.data = dict(cfg.data, eval_split=change["eval_split"])
     with pytest.raises(ValueError, match=re.escape(message)):
         preflight(cfg)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_the_digits_experiment_reaches_95_percent_eval_accuracy(tmp_path):
+    result = run_command(
+        [sys.executable, "-m", "pipetrain.train", "experiment=digits", f"run_dir={tmp_path}"],
+        220,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.output[-4000:]
+    evaluated = [e for e in logged(tmp_path) if "eval/accuracy" in e]
+    assert [e["step"] for e in evaluated] == [100, 200, 300]
+    assert evaluated[-1]["eval/accuracy"] >= 0.95, evaluated
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
+    cfg = to_train_config(compose_config(["experiment=digits"]))
+    with pytest.raises(ValueError, match=re.escape("pip install 'pipetrain[digits]'")):
+        preflight(cfg)
