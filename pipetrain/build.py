@@ -37,6 +37,8 @@ __all__ = [
     "build_dataset",
     "build_datasets",
     "build_eval_batches",
+    "CHECKPOINTING_MODES",
+    "recomputed_microbatches",
     "build_stage",
     "build_stages",
     "build_worker_stages",
@@ -119,6 +121,23 @@ def build_eval_batches(cfg: TrainConfig, eval_set: Dataset | None) -> EvalBatche
     return EvalBatches(eval_set, cfg.train.batch_size, cfg.eval.batches)
 
 
+CHECKPOINTING_MODES = ("never", "except_last", "always")
+"""Values of ``pipeline.activation_checkpointing``."""
+
+
+def recomputed_microbatches(mode: str, num_microbatches: int) -> range:
+    """The micro-batches whose activations ``pipeline.activation_checkpointing=mode`` recomputes."""
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(
+            f"pipeline.activation_checkpointing: {mode!r} is not one of {list(CHECKPOINTING_MODES)}"
+        )
+    return {
+        "never": range(0),
+        "except_last": range(num_microbatches - 1),
+        "always": range(num_microbatches),
+    }[mode]
+
+
 def build_stage(
     cfg: TrainConfig, module: StageModule, stage_idx: int, num_stages: int, device: torch.device
 ) -> Stage:
@@ -136,6 +155,9 @@ def build_stage(
         loss_scale=1.0 / cfg.pipeline.num_microbatches,
         stop_on_nan=cfg.train.stop_on_nan,
         lr_scheduler_factory=call_target(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None,
+        recompute_microbatches=recomputed_microbatches(
+            cfg.pipeline.activation_checkpointing, cfg.pipeline.num_microbatches
+        ),
     )
     _commit_batchnorm_on_step(stage)
     return stage

@@ -41,6 +41,10 @@ class PipelineConfig:
     stages_per_worker: int = 1
     """Stages each worker process hosts (``v``); more than 1 for schedules that interleave stages on a
     worker (``interleaved_1f1b``: stage ``s`` on worker ``s mod (stages / v)``)."""
+    activation_checkpointing: str = "never"
+    """Recompute a stage's forward in backward instead of keeping its activations, per micro-batch:
+    ``never``, ``except_last`` (every micro-batch but the last, whose backward comes right away) or
+    ``always``."""
     deferred_batchnorm: bool = False
     """Replace BatchNorm layers by ones that gather their running statistics over the whole batch and
     update them once per step (normalisation still uses each micro-batch's own statistics)."""

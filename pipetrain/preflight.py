@@ -15,6 +15,7 @@ from pipetrain.build import (
     MODEL_SPEC_EXTRAS,
     build_datasets,
     build_eval_batches,
+    recomputed_microbatches,
     build_plan,
     build_schedule_for,
     instantiate_model,
@@ -61,6 +62,7 @@ def check_settings(cfg: TrainConfig) -> None:
             "device: cuda requested but no CUDA device is visible; use device=cpu or device=auto"
         )
     get_loss(cfg.train.loss)
+    recomputed_microbatches(cfg.pipeline.activation_checkpointing, cfg.pipeline.num_microbatches)
     _at_least(cfg.eval.every, 0, "eval.every")
     _at_least(cfg.eval.batches, 0, "eval.batches")
     extras = {"model": MODEL_SPEC_EXTRAS, "data": DATA_SPEC_EXTRAS}
@@ -96,6 +98,7 @@ def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
         model = instantiate_model(cfg)
     check_model_init(cfg.model, model)
     _check_batchnorm_microbatch(cfg, model)
+    _check_batchnorm_recompute(cfg, model)
     plan = build_plan(cfg, model)
     partition(model, plan)
     build_schedule_for(cfg, plan.num_stages)
@@ -143,6 +146,19 @@ def _check_batchnorm_microbatch(cfg: TrainConfig, model: torch.nn.Module) -> Non
             f"{cfg.pipeline.num_microbatches} micro-batches gives micro-batches of 1 sample, but the "
             f"model's BatchNorm layers (e.g. {names[0]!r}) need more than 1 sample for batch statistics; "
             "lower pipeline.num_microbatches or raise train.batch_size so each micro-batch has >= 2 samples"
+        )
+
+
+def _check_batchnorm_recompute(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Refuse recomputation for a model with BatchNorm: running it twice would update its statistics twice."""
+    if cfg.pipeline.activation_checkpointing == "never":
+        return
+    names = [name for name, sub in model.named_modules() if isinstance(sub, _BatchNorm)]
+    if names:
+        raise ValueError(
+            f"pipeline.activation_checkpointing: {cfg.pipeline.activation_checkpointing} would run the "
+            f"model's BatchNorm layers (e.g. {names[0]!r}) twice per micro-batch and update their running "
+            "statistics twice; use pipeline.activation_checkpointing=never for this model"
         )
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipetrain import boundary
 from pipetrain.losses import LossFn
@@ -42,6 +43,8 @@ class Stage:
         loss_scale: factor on each micro-batch loss, ``1 / num_microbatches``, so the micro-batch losses
             sum to the batch's mean loss and accumulated gradients equal the whole batch's.
         stop_on_nan: raise ``FloatingPointError`` when a micro-batch loss is not finite.
+        recompute_microbatches: micro-batches whose forward keeps no activations but the stage's input
+            and runs again in backward (non-reentrant ``torch.utils.checkpoint`` over the whole stage).
         lr_scheduler_factory: called with the stage's optimizer, e.g.
             ``partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=100)``; the scheduler steps once
             after every optimizer step. ``None``: the learning rate stays as the optimizer was built.
@@ -58,6 +61,7 @@ class Stage:
         loss_scale: float,
         stop_on_nan: bool = True,
         lr_scheduler_factory: LrSchedulerFactory | None = None,
+        recompute_microbatches: Collection[int] = (),
     ) -> None:
         self.stage_idx = stage_idx
         self.num_stages = num_stages
@@ -71,6 +75,7 @@ class Stage:
             else None
         )
         self._loss_fn = loss_fn
+        self._recompute = frozenset(recompute_microbatches)
         self._loss_scale = loss_scale
         self._stop_on_nan = stop_on_nan
         self._inputs: dict[int, Any] = {}
@@ -104,7 +109,12 @@ class Stage:
         saved = [0]
         pack = _counting_pack(saved, self._parameter_storages)
         with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
-            output = self.module(x)
+            if mb_idx in self._recompute:
+                output = checkpoint(self.module, x, use_reentrant=False)
+                # What autograd keeps inside is recomputed; the checkpoint holds on to the input for it.
+                saved[0] += sum(t.numel() * t.element_size() for t in boundary.tensor_leaves(x))
+            else:
+                output = self.module(x)
         if self.is_last:
             target = boundary.to_device(target, self.device, non_blocking=True)
             loss = self._loss_fn(output, target) * self._loss_scale

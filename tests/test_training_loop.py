@@ -175,6 +175,7 @@ def test_rpc_run_with_schedule_clipping_and_evaluation_equals_unsplit(tmp_path):
         "data.eval_split=0.25",
         "eval.every=2",
         "eval.batches=4",
+        "pipeline.activation_checkpointing=except_last",
     ]
     result = run_command(
         [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 180, cwd=tmp_path
@@ -294,3 +295,34 @@ def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
     cfg = to_train_config(compose_config(["experiment=digits"]))
     with pytest.raises(ValueError, match=re.escape("pip install 'pipetrain[digits]'")):
         preflight(cfg)
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+@pytest.mark.parametrize("mode", ["except_last", "always"])
+def test_activation_checkpointing_is_exact_and_holds_less(tmp_path, model, mode):
+    def run(checkpointing: str, run_dir):
+        cfg = make_config(model, 2, "1f1b", num_microbatches=4, steps=3)
+        cfg.pipeline.activation_checkpointing = checkpointing
+        return train_pipelined(cfg, run_dir), logged(run_dir)
+
+    (losses, state), entries = run(mode, tmp_path / mode)
+    (reference_losses, reference_state), reference_entries = run("never", tmp_path / "never")
+
+    assert_same_training(losses, state, reference_losses, reference_state)
+    # except_last keeps the last micro-batch whole: the last stage, one micro-batch at a time, gains nothing.
+    for worker in (0, 1) if mode == "always" else (0,):
+        held = entries[-1][f"worker{worker}/peak_activation_mib"]
+        kept = reference_entries[-1][f"worker{worker}/peak_activation_mib"]
+        assert held < (0.5 if mode == "always" else 0.8) * kept, (worker, held, kept)
+
+
+def test_activation_checkpointing_refuses_batchnorm_and_unknown_modes():
+    cfg = to_train_config(compose_config(["experiment=resnet18", "pipeline.activation_checkpointing=always"]))
+    with pytest.raises(
+        ValueError, match="pipeline.activation_checkpointing: always would run the model's Batch"
+    ):
+        preflight(cfg, check_data=False)
+    cfg = make_config("mlp", 2)
+    cfg.pipeline.activation_checkpointing = "sometimes"
+    with pytest.raises(ValueError, match="pipeline.activation_checkpointing: 'sometimes' is not one of"):
+        check_settings(cfg)
