@@ -155,6 +155,7 @@ def build_stage(
         loss_scale=1.0 / cfg.pipeline.num_microbatches,
         stop_on_nan=cfg.train.stop_on_nan,
         lr_scheduler_factory=call_target(cfg.lr_scheduler, "lr_scheduler") if cfg.lr_scheduler else None,
+        precision=cfg.precision,
         recompute_microbatches=recomputed_microbatches(
             cfg.pipeline.activation_checkpointing, cfg.pipeline.num_microbatches
         ),

@@ -168,6 +168,9 @@ class TrainConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     seed: int = 0
     """Seeds model initialisation and data order; every process uses the same seed."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: each stage's forward under ``torch.autocast`` to bfloat16 with float32 master
+    weights and optimizer state; activations and gradients travel between workers in bfloat16."""
     device: str = "auto"
     """``auto`` (each stage on its own GPU when CUDA is there, else CPU), ``cpu`` or ``cuda``."""
     run_dir: str | None = None

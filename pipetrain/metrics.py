@@ -49,6 +49,8 @@ class WorkerFigures:
     """Total time moving inputs from other workers (TRANSFER spans)."""
     peak_activation_bytes: int = 0
     """Peak activation bytes held for backward (micro-batches in flight)."""
+    sent_bytes: int = 0
+    """Bytes of activations and gradients sent to other workers."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,7 @@ class StepMetrics:
             scalars[f"worker{k}/idle_s"] = float(figures.idle_s)
             scalars[f"worker{k}/transfer_s"] = float(figures.transfer_s)
             scalars[f"worker{k}/peak_activation_mib"] = figures.peak_activation_bytes / 2**20
+            scalars[f"worker{k}/sent_mib"] = figures.sent_bytes / 2**20
         return scalars
 
 
@@ -140,6 +143,7 @@ def worker_figures(
                 idle_s=max(window_s - busy, 0.0),
                 transfer_s=sum(report.total(SpanCategory.TRANSFER) for report in own),
                 peak_activation_bytes=sum(report.peak_activation_bytes for report in own),
+                sent_bytes=sum(report.sent_bytes for report in own),
             )
         )
     return tuple(figures)

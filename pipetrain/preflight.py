@@ -15,10 +15,10 @@ from pipetrain.build import (
     MODEL_SPEC_EXTRAS,
     build_datasets,
     build_eval_batches,
-    recomputed_microbatches,
     build_plan,
     build_schedule_for,
     instantiate_model,
+    recomputed_microbatches,
 )
 from pipetrain.checkpoint import find_checkpoint, read_manifest
 from pipetrain.composition import check_model_composes
@@ -26,6 +26,7 @@ from pipetrain.config import TrainConfig
 from pipetrain.data import check_num_classes
 from pipetrain.losses import get_loss
 from pipetrain.partition import StagePlan, partition
+from pipetrain.stage import PRECISIONS
 from pipetrain.state_checks import check_checkpoint_readable, check_model_init, check_state_fits
 from pipetrain.targets import call_target, check_target_arguments
 
@@ -63,6 +64,8 @@ def check_settings(cfg: TrainConfig) -> None:
         )
     get_loss(cfg.train.loss)
     recomputed_microbatches(cfg.pipeline.activation_checkpointing, cfg.pipeline.num_microbatches)
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision: {cfg.precision!r} is not one of {list(PRECISIONS)}")
     _at_least(cfg.eval.every, 0, "eval.every")
     _at_least(cfg.eval.batches, 0, "eval.batches")
     extras = {"model": MODEL_SPEC_EXTRAS, "data": DATA_SPEC_EXTRAS}

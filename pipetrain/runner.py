@@ -400,6 +400,9 @@ class WorkerRunner:
         if self.schedule.worker_of(consumer.stage_idx) == self.worker_idx:
             local_outputs[action] = output
         else:
+            self.stages[action.stage_idx].record_sent(
+                sum(t.numel() * t.element_size() for t in boundary.tensor_leaves(output))
+            )
             self._outbox_future(action).set_result((boundary.to_cpu(output), time.time()))
 
     def _fail_outbox(self, work: Work, failure: StageError) -> None:

@@ -26,7 +26,10 @@ from pipetrain.losses import LossFn
 from pipetrain.schedule import Action, ActionKind
 from pipetrain.timings import Span, SpanCategory, StageReport
 
-__all__ = ["OptimizerFactory", "LrSchedulerFactory", "Stage"]
+__all__ = ["PRECISIONS", "OptimizerFactory", "LrSchedulerFactory", "Stage"]
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+"""``precision`` values -> the autocast dtype of the forward (``None``: none, float32 throughout)."""
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LrSchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -45,6 +48,9 @@ class Stage:
         stop_on_nan: raise ``FloatingPointError`` when a micro-batch loss is not finite.
         recompute_microbatches: micro-batches whose forward keeps no activations but the stage's input
             and runs again in backward (non-reentrant ``torch.utils.checkpoint`` over the whole stage).
+        precision: ``fp32``, or ``bf16``: forward under ``torch.autocast`` to bfloat16 (parameters and
+            optimizer state stay float32), and floating-point outputs and input gradients leave the
+            stage in bfloat16 (half the bytes between workers).
         lr_scheduler_factory: called with the stage's optimizer, e.g.
             ``partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=100)``; the scheduler steps once
             after every optimizer step. ``None``: the learning rate stays as the optimizer was built.
@@ -62,6 +68,7 @@ class Stage:
         stop_on_nan: bool = True,
         lr_scheduler_factory: LrSchedulerFactory | None = None,
         recompute_microbatches: Collection[int] = (),
+        precision: str = "fp32",
     ) -> None:
         self.stage_idx = stage_idx
         self.num_stages = num_stages
@@ -76,6 +83,10 @@ class Stage:
         )
         self._loss_fn = loss_fn
         self._recompute = frozenset(recompute_microbatches)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
+        self._low_precision = PRECISIONS[precision]
+        self._sent_bytes = 0
         self._loss_scale = loss_scale
         self._stop_on_nan = stop_on_nan
         self._inputs: dict[int, Any] = {}
@@ -108,7 +119,7 @@ class Stage:
             x = boundary.detach_for_grad(x)
         saved = [0]
         pack = _counting_pack(saved, self._parameter_storages)
-        with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+        with torch.autograd.graph.saved_tensors_hooks(pack, _identity), self._autocast():
             if mb_idx in self._recompute:
                 output = checkpoint(self.module, x, use_reentrant=False)
                 # What autograd keeps inside is recomputed; the checkpoint holds on to the input for it.
@@ -117,7 +128,8 @@ class Stage:
                 output = self.module(x)
         if self.is_last:
             target = boundary.to_device(target, self.device, non_blocking=True)
-            loss = self._loss_fn(output, target) * self._loss_scale
+            with self._autocast():
+                loss = self._loss_fn(output, target) * self._loss_scale
             loss_value = loss.item()
             if self._stop_on_nan and not math.isfinite(loss_value):
                 raise FloatingPointError(
@@ -134,7 +146,7 @@ class Stage:
         self._held_bytes += saved[0]
         self._peak_saved_bytes = max(self._peak_saved_bytes, self._held_bytes)
         self._record(Action(self.stage_idx, ActionKind.FORWARD, mb_idx), start)
-        return boundary.detach(output)
+        return boundary.detach(output) if self.is_last else self._outgoing(boundary.detach(output))
 
     def evaluate(self, mb_idx: int, inputs: Any, target: Any | None = None) -> Any:
         """Run micro-batch ``mb_idx`` forward for evaluation: eval mode, no autograd, nothing kept.
@@ -146,10 +158,10 @@ class Stage:
         was_training = self.module.training
         self.module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 output = self.module(x)
                 if not self.is_last:
-                    return output
+                    return self._outgoing(output)
                 target = boundary.to_device(target, self.device, non_blocking=True)
                 loss = self._loss_fn(output, target) * self._loss_scale
                 self._losses[mb_idx] = loss.item()
@@ -193,11 +205,12 @@ class Stage:
         else:
             grad = boundary.to_device(grad_output, self.device, non_blocking=True)
             tensors, grads = boundary.backward_pairs(output, grad)
+            grads = [g.to(t.dtype) for t, g in zip(tensors, grads, strict=True)]  # bf16 on the wire
         if tensors:
             torch.autograd.backward(tensors, grads)
         grad_input = boundary.input_grads(x) if self.stage_idx > 0 else None
         self._record(Action(self.stage_idx, ActionKind.BACKWARD, mb_idx), start)
-        return grad_input
+        return self._outgoing(grad_input)
 
     def gradient_norms(self) -> list[float]:
         """The 2-norm of each parameter's accumulated gradient (parameters without one are left out).
@@ -246,7 +259,9 @@ class Stage:
             peak_memory_bytes=peak_memory,
             peak_activation_bytes=self._peak_saved_bytes,
             learning_rate=learning_rate,
+            sent_bytes=self._sent_bytes,
         )
+        self._sent_bytes = 0
         self._spans.clear()
         self._losses.clear()
         self._peak_saved_bytes = 0
@@ -273,6 +288,22 @@ class Stage:
     def microbatches_in_flight(self) -> int:
         """Micro-batches run forward whose backward has not run yet."""
         return len(self._outputs)
+
+    def record_sent(self, num_bytes: int) -> None:
+        """Count bytes of this stage's outputs or gradients that a transport sent to another worker."""
+        self._sent_bytes += num_bytes
+
+    def _autocast(self) -> Any:
+        """The forward's autocast context (disabled in float32)."""
+        dtype = self._low_precision
+        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    def _outgoing(self, value: Any) -> Any:
+        """``value`` as it leaves the stage: floating-point tensors in the low precision, if one is set."""
+        dtype = self._low_precision
+        if dtype is None or value is None:
+            return value
+        return boundary.map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, value)
 
     def _check_output(self, mb_idx: int, output: Any) -> None:
         """Refuse an output whose tensors sit inside an object the boundary cannot see into."""

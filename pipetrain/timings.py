@@ -57,6 +57,8 @@ class StageReport:
     """Peak bytes autograd held for backward across the micro-batches in flight (any device)."""
     learning_rate: float | None = None
     """The learning rate of the step (of the optimizer's first parameter group); ``None``: no optimizer."""
+    sent_bytes: int = 0
+    """Bytes of outputs and input gradients sent to stages on other workers."""
     correct: int = 0
     """Evaluation, last stage, classification: predictions (arg-max of the last dimension) equal to the
     target."""

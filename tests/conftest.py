@@ -75,7 +75,7 @@ STEP_TAGS = [
     "pipeline/bubble_fraction_predicted",
     "pipeline/bubble_fraction_predicted_measured_costs",
 ]
-WORKER_TAG_NAMES = ("busy_s", "idle_s", "transfer_s", "peak_activation_mib")
+WORKER_TAG_NAMES = ("busy_s", "idle_s", "transfer_s", "peak_activation_mib", "sent_mib")
 
 
 def worker_tags(num_workers: int) -> list[str]:

@@ -53,6 +53,8 @@ def test_every_group_option_composes(group, option):
         overrides += ["experiment=gpt"]
     elif group == "data" and option == "synthetic_tokens":
         overrides += ["experiment=gpt"]
+    elif group == "data" and option == "digits":
+        overrides += ["experiment=digits"]
     elif group == "data" and option == "synthetic_images":
         overrides += ["model=resnet18", "pipeline.balance=[6,5]"]
     elif group == "data" and option in (

@@ -326,3 +326,23 @@ def test_activation_checkpointing_refuses_batchnorm_and_unknown_modes():
     cfg.pipeline.activation_checkpointing = "sometimes"
     with pytest.raises(ValueError, match="pipeline.activation_checkpointing: 'sometimes' is not one of"):
         check_settings(cfg)
+
+
+def test_bf16_keeps_float32_weights_halves_the_bytes_sent_and_tracks_fp32(tmp_path):
+    def run(precision: str):
+        cfg = make_config("gpt", 2, "1f1b", num_microbatches=4, steps=4, lr=0.05)
+        cfg.precision = precision
+        return train_pipelined(cfg, tmp_path / precision), logged(tmp_path / precision)
+
+    (losses, state), entries = run("bf16")
+    (reference_losses, _), reference_entries = run("fp32")
+
+    assert all(value.dtype == torch.float32 for value in state.values() if value.is_floating_point())
+    assert losses != reference_losses  # the forward really ran in bfloat16
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=2e-2, atol=0.0)
+    for worker in (0, 1):
+        sent, sent_fp32 = (
+            entries[-1][f"worker{worker}/sent_mib"],
+            reference_entries[-1][f"worker{worker}/sent_mib"],
+        )
+        assert sent_fp32 > 0 and sent == pytest.approx(sent_fp32 / 2), worker
