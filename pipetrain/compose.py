@@ -22,6 +22,7 @@ from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, Omega
 from pipetrain.build import MODEL_SPEC_EXTRAS
 from pipetrain.config import TrainConfig, register_schema
 from pipetrain.run_dir import claim_run_dir
+from pipetrain.sweep_naming import claim_job_dir
 
 __all__ = [
     "CONF_DIR",
@@ -120,7 +121,8 @@ def register_resolvers() -> None:
 
     ``${pipetrain_run_dir:${run_dir},<default>}`` is ``run_dir`` when given, else ``<default>`` claimed
     (created, with a ``-1``, ``-2`` ... suffix when another run took it); ``${pipetrain_claim_dir:<dir>}``
-    claims ``<dir>`` likewise (sweep directories).
+    claims ``<dir>`` likewise (sweep directories); ``${pipetrain_job_dir:<sweep dir>,<job num>,<overrides>}``
+    claims a sweep job's directory named by the overrides its sweep varies (:mod:`pipetrain.sweep_naming`).
     """
     if not OmegaConf.has_resolver("pipetrain_run_dir"):
         OmegaConf.register_new_resolver(
@@ -128,6 +130,11 @@ def register_resolvers() -> None:
         )
     if not OmegaConf.has_resolver("pipetrain_claim_dir"):
         OmegaConf.register_new_resolver("pipetrain_claim_dir", lambda base: str(claim_run_dir(base)))
+    if not OmegaConf.has_resolver("pipetrain_job_dir"):
+        OmegaConf.register_new_resolver(
+            "pipetrain_job_dir",
+            lambda sweep_dir, num, overrides: claim_job_dir(sweep_dir, num, list(overrides)),
+        )
 
 
 def write_run_config(run_dir: Path, cfg: DictConfig) -> Path:

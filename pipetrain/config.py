@@ -98,6 +98,10 @@ class LogConfig:
     profile_steps: list[int] = field(default_factory=list)
     """Steps (1-based) to run under ``torch.profiler`` on every worker; each writes
     ``traces/profile_step<N>.json`` (operators inside pipetrain's timeline) and ``.txt`` (a summary)."""
+    hparams: dict[str, Any] = field(default_factory=dict)
+    """The run's columns in TensorBoard's HPARAMS table (name -> value), next to ``status``; empty: the
+    schedule, the split and the micro-batch count. Each job of a multirun gets the overrides its sweep
+    varies (``balance: "[2,4]"``, ``schedule: 1f1b``), so the table shows exactly what differs."""
 
 
 @dataclass(kw_only=True)

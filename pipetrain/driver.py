@@ -188,7 +188,8 @@ class Driver:
                 last_metrics = self._record(step + 1, result, evaluation) or last_metrics
                 previous_end = step_end + (time.time() - step_end if evaluation is not None else 0.0)
             if self.logger is not None and last_metrics is not None:
-                self.logger.log_hparams(_hparams(cfg, self.plan.num_stages), _final_figures(last_metrics))
+                status = "ok" if self.interrupted_after is None else "interrupted"
+                self.logger.log_hparams(_hparams(cfg), status)
         finally:
             del batches  # stops the loader's processes
             if self.logger is not None:
@@ -337,27 +338,15 @@ def _naming_step(step: int) -> Iterator[None]:
         raise
 
 
-def _hparams(cfg: TrainConfig, num_stages: int) -> dict[str, Any]:
+def _hparams(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's HPARAMS columns: ``log.hparams`` (a sweep's varying overrides), else the key settings."""
+    if cfg.log.hparams:
+        return dict(cfg.log.hparams)
     split = (
         cfg.pipeline.balance if cfg.pipeline.balance is not None else [len(s) for s in cfg.pipeline.stages]
     )
     return {
-        "model": str(cfg.model.get("_target_")),
         "schedule": cfg.schedule.name,
-        "num_stages": num_stages,
-        "stages_per_worker": cfg.pipeline.stages_per_worker,
+        "balance": "[" + ",".join(str(count) for count in split) + "]",
         "num_microbatches": cfg.pipeline.num_microbatches,
-        "balance": str(list(split)),
-        "batch_size": cfg.train.batch_size,
-        "lr": float(cfg.optim.get("lr", float("nan"))),
-        "seed": cfg.seed,
-    }
-
-
-def _final_figures(metrics: StepMetrics) -> dict[str, float]:
-    return {
-        "final_loss": metrics.loss,
-        "samples_per_sec": metrics.samples_per_sec,
-        "bubble_fraction": metrics.bubble_fraction,
-        "bubble_fraction_predicted": metrics.bubble_fraction_predicted,
     }

@@ -27,7 +27,7 @@ from typing import IO
 
 from pipetrain.run_dir import DRIVER_PID_FILE
 
-__all__ = ["free_loopback_port", "torchrun_command", "run_torchrun"]
+__all__ = ["free_loopback_port", "torchrun_command", "run_torchrun", "append_train_log"]
 
 _TEE_PREFIX = re.compile(r"^\[[^\]\s]*0\]:")
 _POLL_S = 0.1
@@ -137,8 +137,18 @@ def _echo(stream: IO[str], log: IO[str]) -> None:
         line = _TEE_PREFIX.sub("", line, count=1)
         sys.stdout.write(line)
         sys.stdout.flush()
-        log.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}")
+        log.write(_stamped(line))
         log.flush()
+
+
+def append_train_log(run_dir: Path, line: str) -> None:
+    """Add one of the launcher's own lines (e.g. a configuration error) to ``<run_dir>/train.log``."""
+    with open(run_dir / "train.log", "a") as log:
+        log.write(_stamped(line.rstrip("\n") + "\n"))
+
+
+def _stamped(line: str) -> str:
+    return f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}"
 
 
 def _kill(process: subprocess.Popen) -> None:

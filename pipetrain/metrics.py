@@ -5,18 +5,28 @@ them into a :class:`StepMetrics` with :func:`step_metrics`, with figures per *wo
 one action at a time, whichever of its stages it belongs to): the measured bubble fraction of the
 step next to what the schedule simulator predicts, once with unit costs and once with the
 per-stage forward/backward times measured in that step. :class:`MetricsLogger` writes those
-metrics to TensorBoard (``run_dir/tb/``) and to ``run_dir/metrics.jsonl``; it is the only place
-in pipetrain that creates a :class:`~torch.utils.tensorboard.SummaryWriter`.
+metrics to TensorBoard (``run_dir/tb/``) and to ``run_dir/metrics.jsonl``; it and
+:func:`log_failed_run` are the only places in pipetrain that create a
+:class:`~torch.utils.tensorboard.SummaryWriter`.
+
+Runs compare in TensorBoard: each run's hparams entry (:meth:`MetricsLogger.log_hparams`) names the
+same few columns in every run of a sweep, its figures are the last values of the step scalars
+(:data:`HPARAM_METRICS`, no single-point charts of their own), and a custom scalars layout
+(:data:`CUSTOM_SCALARS_LAYOUT`) puts measured and predicted bubble on one chart.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from pipetrain.schedule import Action, ActionKind, Schedule, StageCosts, simulate
@@ -32,9 +42,41 @@ __all__ = [
     "measured_costs",
     "step_metrics",
     "format_progress",
+    "MEDIAN_TAGS",
+    "HPARAM_METRICS",
+    "CUSTOM_SCALARS_LAYOUT",
     "MetricsLogger",
+    "log_failed_run",
     "write_chrome_trace",
 ]
+
+MEDIAN_TAGS = ("perf/samples_per_sec", "perf/step_time_s", "pipeline/bubble_fraction")
+"""Figures also logged as ``<tag>_median``: the median over the logged steps so far after the first (the
+first carries the warm-up; it alone counts until a second is logged). Steadier than one step's value: the
+figures a sweep's summary and HPARAMS table rank runs by."""
+
+HPARAM_METRICS = {
+    "perf/samples_per_sec_median": "samples/s",
+    "perf/step_time_s_median": "step time (s)",
+    "pipeline/bubble_fraction_median": "bubble",
+    "pipeline/bubble_fraction_predicted": "bubble predicted",
+    "train/loss": "loss",
+}
+"""Step scalars shown as the HPARAMS table's figures (their last logged value), with their column names.
+TensorBoard shows the first five metrics of an experiment by default: these five all show."""
+
+CUSTOM_SCALARS_LAYOUT = {
+    "pipeline": {
+        "bubble fraction: measured vs predicted": [
+            "Multiline",
+            ["^pipeline/bubble_fraction$", "^pipeline/bubble_fraction_predicted$"],
+        ],
+        "busy per worker (s)": ["Multiline", [r"^worker\d+/busy_s$"]],
+        "idle per worker (s)": ["Multiline", [r"^worker\d+/idle_s$"]],
+    },
+}
+"""TensorBoard's CUSTOM SCALARS page: charts that put related tags on one axis (tags are regular
+expressions there, hence the anchors)."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +284,68 @@ def _hparam_value(value: object) -> float | int | str | bool:
     return str(value)
 
 
+def _hparams_summaries(hparams: dict[str, object], status: str) -> list[Summary]:
+    """The hparams plugin's experiment, session start and session end records of one run.
+
+    The experiment lists the run's hparams (``status`` among them) and :data:`HPARAM_METRICS`; every run of
+    a sweep writes the same names, so whichever run's experiment TensorBoard reads, the table is the same.
+    """
+    values = {str(k): _hparam_value(v) for k, v in hparams.items()}
+    values["status"] = status
+    start = plugin_data_pb2.SessionStartInfo()
+    infos = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            start.hparams[name].bool_value = value
+            kind = api_pb2.DATA_TYPE_BOOL
+        elif isinstance(value, (int, float)):
+            start.hparams[name].number_value = value
+            kind = api_pb2.DATA_TYPE_FLOAT64
+        else:
+            start.hparams[name].string_value = value
+            kind = api_pb2.DATA_TYPE_STRING
+        infos.append(api_pb2.HParamInfo(name=name, type=kind))
+    experiment = api_pb2.Experiment(
+        hparam_infos=infos,
+        metric_infos=[
+            api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=label)
+            for tag, label in HPARAM_METRICS.items()
+        ],
+    )
+    end = plugin_data_pb2.SessionEndInfo(
+        status=api_pb2.STATUS_SUCCESS if status == "ok" else api_pb2.STATUS_FAILURE
+    )
+    records = [
+        (hparams_metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+        (
+            hparams_metadata.SESSION_START_INFO_TAG,
+            plugin_data_pb2.HParamsPluginData(session_start_info=start),
+        ),
+        (hparams_metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)),
+    ]
+    summaries = []
+    for tag, data in records:
+        data.version = hparams_metadata.PLUGIN_DATA_VERSION
+        plugin_data = SummaryMetadata.PluginData(
+            plugin_name=hparams_metadata.PLUGIN_NAME, content=data.SerializeToString()
+        )
+        summaries.append(
+            Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin_data))])
+        )
+    return summaries
+
+
+def log_failed_run(run_dir: Path | str, hparams: dict[str, object]) -> None:
+    """Record a run that failed as a row of TensorBoard's HPARAMS table (``status`` = ``failed``).
+
+    Written into ``run_dir/tb/`` next to whatever the run logged before it stopped, so a sweep's failed
+    jobs are rows too.
+    """
+    with SummaryWriter(log_dir=str(Path(run_dir) / "tb")) as writer:
+        for summary in _hparams_summaries(hparams, "failed"):
+            writer.file_writer.add_summary(summary)
+
+
 class MetricsLogger:
     """Writes step metrics to TensorBoard (``run_dir/tb/``) and ``run_dir/metrics.jsonl``.
 
@@ -254,7 +358,9 @@ class MetricsLogger:
         self.tb_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
         self._writer: SummaryWriter | None = SummaryWriter(log_dir=str(self.tb_dir))
+        self._writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
+        self._history: dict[str, list[float]] = {tag: [] for tag in MEDIAN_TAGS}
 
     def _require_open(self) -> SummaryWriter:
         if self._writer is None:
@@ -262,26 +368,29 @@ class MetricsLogger:
         return self._writer
 
     def log_step(self, metrics: StepMetrics) -> None:
-        """Write every scalar of ``metrics`` at ``global_step=metrics.step`` and one JSON line."""
+        """Write the scalars of ``metrics`` and the :data:`MEDIAN_TAGS` medians at ``metrics.step``, and one
+        JSON line."""
         writer = self._require_open()
         scalars = metrics.scalars()
+        for tag, history in self._history.items():
+            history.append(scalars[tag])
+            scalars[f"{tag}_median"] = statistics.median(history[1:] or history)
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, global_step=metrics.step)
         writer.flush()
         self._jsonl.write(json.dumps({"step": metrics.step, **scalars}) + "\n")
         self._jsonl.flush()
 
-    def log_hparams(self, hparams: dict[str, float | int | str | bool], final: dict[str, float]) -> None:
-        """Record the run's hyper-parameters and final metrics in TensorBoard's hparams view.
+    def log_hparams(self, hparams: dict[str, object], status: str = "ok") -> None:
+        """Record the run as a row of TensorBoard's HPARAMS table: ``hparams`` plus ``status``.
 
-        Values that are not bool/int/float/str are stored as their ``str``; each final metric
-        ``k`` is logged as ``hparam/k``. The records go to ``run_dir/tb/`` itself, so one
+        Values that are not bool/int/float/str are stored as their ``str``. The row's figures are the last
+        values of the scalars in :data:`HPARAM_METRICS`. The records go to ``run_dir/tb/`` itself, so one
         TensorBoard over a sweep's run directories shows the runs as one table.
         """
         writer = self._require_open()
-        hparam_dict = {str(k): _hparam_value(v) for k, v in hparams.items()}
-        metric_dict = {"hparam/" + str(k): float(v) for k, v in final.items()}
-        writer.add_hparams(hparam_dict, metric_dict, run_name=".")
+        for summary in _hparams_summaries(hparams, status):
+            writer.file_writer.add_summary(summary)
         writer.flush()
 
     def write_trace(

@@ -18,6 +18,7 @@ __all__ = [
     "LOCK_FILE",
     "DRIVER_PID_FILE",
     "claim_run_dir",
+    "claim_new_dir",
     "default_run_dir",
     "check_writable",
     "RunLock",
@@ -38,9 +39,14 @@ def claim_run_dir(base: str | os.PathLike) -> Path:
     one process the same ``base`` always gives the same directory.
     """
     key = os.fspath(base)
-    if key in _CLAIMED:
-        return _CLAIMED[key]
-    path = Path(key)
+    if key not in _CLAIMED:
+        _CLAIMED[key] = claim_new_dir(key)
+    return _CLAIMED[key]
+
+
+def claim_new_dir(base: str | os.PathLike) -> Path:
+    """Create and return ``base``, or ``base-1``, ``base-2``, ... when it is taken (a new one each call)."""
+    path = Path(base)
     path.parent.mkdir(parents=True, exist_ok=True)
     for suffix in range(1000):
         candidate = path if suffix == 0 else path.with_name(f"{path.name}-{suffix}")
@@ -48,9 +54,10 @@ def claim_run_dir(base: str | os.PathLike) -> Path:
             candidate.mkdir()
         except FileExistsError:
             continue
-        _CLAIMED[key] = candidate
         return candidate
-    raise ValueError(f"run_dir: {key} and its 999 suffixed variants are all taken; choose a run_dir")
+    raise ValueError(
+        f"run_dir: {os.fspath(base)} and its 999 suffixed variants are all taken; choose a run_dir"
+    )
 
 
 def default_run_dir() -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipetrain.build import build_schedule_for, resume_step
@@ -30,9 +31,10 @@ from pipetrain.compose import (
     write_run_config,
 )
 from pipetrain.config import register_schema
-from pipetrain.launch import run_torchrun
+from pipetrain.launch import append_train_log, run_torchrun
 from pipetrain.preflight import preflight
 from pipetrain.run_dir import RunLock, check_writable
+from pipetrain.sweep_naming import job_hparams
 from pipetrain.topology import Topology, describe_plan
 from pipetrain.worker import LOCK_HELD_ENV
 
@@ -43,8 +45,11 @@ _RESULTS: list[tuple[Path, int]] = []
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _run(cfg: DictConfig) -> int:
-    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir).resolve()
     cfg = drop_group_arguments_in_app(cfg)
+    if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.log.hparams:
+        cfg.log.hparams = job_hparams(list(hydra_cfg.overrides.task))
     try:
         train_cfg = to_train_config(cfg)
         plan = preflight(train_cfg)
@@ -53,6 +58,8 @@ def _run(cfg: DictConfig) -> int:
         check_run_dir_checkpoints(run_dir, resume_step(train_cfg), train_cfg.checkpoint.resume)
     except ValueError as error:
         print(f"pipetrain: configuration error: {error}", file=sys.stderr, flush=True)
+        if run_dir.is_dir():
+            append_train_log(run_dir, f"pipetrain: configuration error: {error}")
         _RESULTS.append((run_dir, 2))
         return 2
     with lock:

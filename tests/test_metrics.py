@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from pipetrain.metrics import (
     StepMetrics,
     WorkerFigures,
     format_progress,
+    log_failed_run,
     measured_bubble_fraction,
     measured_costs,
     step_metrics,
@@ -229,8 +231,11 @@ def test_metrics_logger_writes_tensorboard_and_jsonl(tmp_path: Path) -> None:
     assert _event_files(tb_dir)
     acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     acc.Reload()
+    medians = {
+        f"{tag}_median" for tag in ("perf/samples_per_sec", "perf/step_time_s", "pipeline/bubble_fraction")
+    }
+    assert set(acc.Tags()["scalars"]) == set(steps[0].scalars()) | medians
     tags = set(steps[0].scalars())
-    assert set(acc.Tags()["scalars"]) == tags
     for tag in tags:
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [1, 2, 5]
@@ -241,10 +246,31 @@ def test_metrics_logger_writes_tensorboard_and_jsonl(tmp_path: Path) -> None:
     assert len(lines) == 3
     for line, m in zip(lines, steps, strict=True):
         record = json.loads(line)
-        assert set(record) == tags | {"step"}
+        assert set(record) == tags | medians | {"step"}
         assert record["step"] == m.step
         for tag, value in m.scalars().items():
             assert record[tag] == value
+
+
+def test_medians_skip_the_first_logged_step_once_there_is_a_second(tmp_path: Path) -> None:
+    speeds, bubbles = [500.0, 100.0, 300.0, 200.0], [0.9, 0.3, 0.2, 0.25]
+    with MetricsLogger(tmp_path) as logger:
+        for step, (speed, bubble) in enumerate(zip(speeds, bubbles, strict=True), 1):
+            metrics = _metrics(step=step)
+            logger.log_step(
+                dataclasses.replace(
+                    metrics, samples_per_sec=speed, step_time_s=64 / speed, bubble_fraction=bubble
+                )
+            )
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["perf/samples_per_sec_median"] for r in records] == [500.0, 100.0, 200.0, 200.0]
+    assert [r["perf/step_time_s_median"] for r in records] == pytest.approx(
+        [0.128, 0.64, (0.64 + 64 / 300) / 2, 0.32]
+    )
+    assert [r["pipeline/bubble_fraction_median"] for r in records] == [0.9, 0.3, 0.25, 0.25]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("perf/samples_per_sec_median")] == [500.0, 100.0, 200.0, 200.0]
 
 
 def test_metrics_logger_appends_jsonl(tmp_path: Path) -> None:
@@ -264,13 +290,27 @@ def test_metrics_logger_close_is_idempotent(tmp_path: Path) -> None:
         logger.log_step(_metrics())
 
 
+def _hparams_records(tb_dir: Path) -> dict:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    records = {}
+    for data in acc.PluginTagToContent("hparams").values():
+        parsed = plugin_data_pb2.HParamsPluginData.FromString(data)
+        records[parsed.WhichOneof("data")] = parsed
+    return records
+
+
 def test_metrics_logger_hparams(tmp_path: Path) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.hparams import api_pb2
+
     run_dir = tmp_path / "run"
     with MetricsLogger(run_dir) as logger:
         logger.log_step(_metrics(step=1))
         logger.log_hparams(
-            {"lr": 0.01, "num_stages": 2, "schedule": "gpipe", "amp": False, "dims": [4, 8], "none": None},
-            {"loss": 0.5, "samples_per_sec": 1000.0},
+            {"lr": 0.01, "num_stages": 2, "schedule": "gpipe", "amp": False, "dims": [4, 8], "none": None}
         )
 
     tb_dir = run_dir / "tb"
@@ -280,30 +320,57 @@ def test_metrics_logger_hparams(tmp_path: Path) -> None:
     assert all(p.parent.resolve() == tb_dir.resolve() for p in files)
     assert [p for p in tb_dir.iterdir() if p.is_dir()] == []
 
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    content = acc.PluginTagToContent("hparams")
-    assert content  # experiment, session start and session end records
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    start = None
-    for data in content.values():
-        parsed = plugin_data_pb2.HParamsPluginData.FromString(data)
-        if parsed.WhichOneof("data") == "session_start_info":
-            start = parsed.session_start_info
-    assert start is not None
-    hp = start.hparams
+    records = _hparams_records(tb_dir)
+    hp = records["session_start_info"].session_start_info.hparams
     assert hp["lr"].number_value == pytest.approx(0.01)
     assert hp["num_stages"].number_value == 2
     assert hp["schedule"].string_value == "gpipe"
     assert hp["amp"].bool_value is False
     assert hp["dims"].string_value == "[4, 8]"
     assert hp["none"].string_value == "None"
-
-    # The final metrics are logged as hparam/<name> scalars; the step scalars survive.
-    assert acc.Scalars("hparam/loss")[0].value == pytest.approx(0.5)
-    assert acc.Scalars("hparam/samples_per_sec")[0].value == pytest.approx(1000.0)
+    assert hp["status"].string_value == "ok"
+    assert records["session_end_info"].session_end_info.status == api_pb2.STATUS_SUCCESS
+    experiment = records["experiment"].experiment
+    assert sorted(info.name for info in experiment.hparam_infos) == sorted([*hp])
+    # The table's figures are step scalars (their last values): no single-point hparam/* scalars.
+    assert [(info.name.tag, info.display_name) for info in experiment.metric_infos] == [
+        ("perf/samples_per_sec_median", "samples/s"),
+        ("perf/step_time_s_median", "step time (s)"),
+        ("pipeline/bubble_fraction_median", "bubble"),
+        ("pipeline/bubble_fraction_predicted", "bubble predicted"),
+        ("train/loss", "loss"),
+    ]
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert not [tag for tag in acc.Tags()["scalars"] if tag.startswith("hparam")]
     assert [e.step for e in acc.Scalars("train/loss")] == [1]
+    layout = layout_pb2.Layout.FromString(
+        acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    )
+    titles = [chart.title for category in layout.category for chart in category.chart]
+    assert "bubble fraction: measured vs predicted" in titles
+
+
+def test_a_failed_run_is_a_row_with_status_failed(tmp_path: Path) -> None:
+    from tensorboard.plugins.hparams import api_pb2
+
+    run_dir = tmp_path / "run"
+    with MetricsLogger(run_dir) as logger:
+        logger.log_step(_metrics(step=1))
+    log_failed_run(run_dir, {"schedule": "1f1b", "balance": "[2,4]"})
+    records = _hparams_records(run_dir / "tb")
+    hp = records["session_start_info"].session_start_info.hparams
+    assert {name: value.string_value for name, value in hp.items()} == {
+        "schedule": "1f1b",
+        "balance": "[2,4]",
+        "status": "failed",
+    }
+    assert records["session_end_info"].session_end_info.status == api_pb2.STATUS_FAILURE
+    assert sorted(info.name for info in records["experiment"].experiment.hparam_infos) == [
+        "balance",
+        "schedule",
+        "status",
+    ]
 
 
 # -- chrome trace ---------------------------------------------------------------------------
