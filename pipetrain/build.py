@@ -161,6 +161,8 @@ def build_stage(
         ),
     )
     _commit_batchnorm_on_step(stage)
+    if cfg.train.compile:
+        stage.module.compile()  # in place: parameter names (and so checkpoints) stay the same
     return stage
 
 

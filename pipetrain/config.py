@@ -73,6 +73,9 @@ class TrainLoopConfig:
     """Loss computed by the last stage: ``cross_entropy`` or ``mse`` (mean over the batch)."""
     stop_on_nan: bool = True
     """Stop the run when a micro-batch loss is NaN or infinite."""
+    compile: bool = False
+    """Compile each stage's module with ``torch.compile`` (names, checkpoints and parity unchanged; the
+    first steps are slow while it compiles)."""
     clip_grad_norm: float | None = None
     """Clip the gradients of *all* stages together to this 2-norm, exactly as
     ``torch.nn.utils.clip_grad_norm_`` on the unsplit model; a step whose norm is not finite is skipped

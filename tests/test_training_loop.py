@@ -346,3 +346,16 @@ def test_bf16_keeps_float32_weights_halves_the_bytes_sent_and_tracks_fp32(tmp_pa
             reference_entries[-1][f"worker{worker}/sent_mib"],
         )
         assert sent_fp32 > 0 and sent == pytest.approx(sent_fp32 / 2), worker
+
+
+@pytest.mark.timeout(900)
+def test_compiled_stages_train_like_the_unsplit_model(tmp_path):
+    cfg = make_config("mlp", 2, "1f1b", num_microbatches=2, steps=3)
+    cfg.train.compile = True
+    losses, state = train_pipelined(cfg, tmp_path)
+    reference_losses, reference_state = train_unsplit(cfg)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-4, atol=1e-4)
+    for name, value in reference_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-4, msg=name)
+    plan, stages = build_stages(cfg)
+    assert all(stage.module._compiled_call_impl is not None for stage in stages)
