@@ -359,3 +359,25 @@ def test_compiled_stages_train_like_the_unsplit_model(tmp_path):
         torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-4, msg=name)
     plan, stages = build_stages(cfg)
     assert all(stage.module._compiled_call_impl is not None for stage in stages)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_rpc_bf16_sends_activations_and_gradients_in_two_bytes(tmp_path):
+    overrides = [
+        "model.hidden=64",
+        "train.batch_size=16",
+        "train.steps=3",
+        "train.log_every=1",
+        "precision=bf16",
+    ]
+    result = run_command(
+        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 180, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.output[-4000:]
+    entries = logged(tmp_path)
+    # Per step, worker 0 sends 16 samples x 64 activations and worker 1 their gradients, 2 bytes each.
+    for entry in entries:
+        assert entry["worker0/sent_mib"] * 2**20 == 16 * 64 * 2
+        assert entry["worker1/sent_mib"] * 2**20 == 16 * 64 * 2
+    assert entries[-1]["train/loss"] < entries[0]["train/loss"] * 1.5
