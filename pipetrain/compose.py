@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -35,6 +36,7 @@ __all__ = [
     "to_train_config",
     "write_run_config",
     "load_run_config",
+    "record_auto_balance",
 ]
 
 RUN_CONFIG = "config.yaml"
@@ -144,6 +146,17 @@ def write_run_config(run_dir: Path, cfg: DictConfig) -> Path:
     path = Path(run_dir) / RUN_CONFIG
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+def record_auto_balance(cfg: DictConfig, record: dict[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` whose ``pipeline.balance=auto`` is replaced by the chosen split, recorded in
+    ``autobalance.result`` (``record``: :func:`pipetrain.balance.result_record`)."""
+    cfg = cfg.copy()
+    cfg.pipeline.balance = list(record["balance"])
+    cfg.pipeline.stages = None
+    cfg.pipeline.num_stages = len(record["balance"])
+    cfg.autobalance.result = record
+    return cfg
 
 
 def load_run_config(source: Path | str) -> DictConfig:

@@ -23,6 +23,7 @@ __all__ = [
     "RpcConfig",
     "CheckpointConfig",
     "LoaderConfig",
+    "AutobalanceConfig",
     "TrainConfig",
     "register_schema",
 ]
@@ -34,8 +35,14 @@ class PipelineConfig:
 
     stages: list[list[str]] | None = None
     """The units each stage owns, in forward order, e.g. ``[[layers.0, layers.1], [layers.2, head]]``."""
-    balance: list[int] | None = None
-    """How many consecutive units each stage takes, e.g. ``[3, 3]``. Exactly one of stages / balance."""
+    balance: Any = None
+    """How many consecutive units each stage takes, e.g. ``[3, 3]``; or ``auto``: ``python -m
+    pipetrain.train`` profiles the units before launch and puts here the split with the lowest simulated
+    step time into ``pipeline.num_stages`` stages (:mod:`pipetrain.balance`). Exactly one of stages /
+    balance. (Typed ``Any``: OmegaConf has no list-or-string type; checked before launch.)"""
+    num_stages: int | None = None
+    """Stages to cut the model into with ``pipeline.balance=auto`` (``null``: as many as
+    ``pipeline.stages`` names). When given with an explicit split, it must match that split's length."""
     num_microbatches: int = 4
     """Micro-batches per batch; ``train.batch_size`` must be divisible by it."""
     stages_per_worker: int = 1
@@ -149,6 +156,22 @@ class LoaderConfig:
 
 
 @dataclass(kw_only=True)
+class AutobalanceConfig:
+    """How ``pipeline.balance=auto`` and ``python -m pipetrain.balance`` profile units and pick a split."""
+
+    max_memory_mib: float | None = None
+    """Memory cap per worker in MiB (parameters, gradients, optimizer state, and activations times the
+    schedule's peak in-flight micro-batches); ``null``: no cap."""
+    warmup: int = 2
+    """Untimed forward / backward passes of each unit before the timed ones."""
+    repeats: int = 10
+    """Timed passes of each unit; the median counts."""
+    result: dict[str, Any] | None = None
+    """Written by the launcher with ``pipeline.balance=auto`` (read, never set by hand): the chosen split,
+    its predicted step time and bubble, and the uniform split's, as recorded in the run's config.yaml."""
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """The whole run: what ``python -m pipetrain.train`` and ``pipetrain.worker`` compose."""
 
@@ -173,6 +196,7 @@ class TrainConfig:
     rpc: RpcConfig = field(default_factory=RpcConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    autobalance: AutobalanceConfig = field(default_factory=AutobalanceConfig)
     seed: int = 0
     """Seeds model initialisation and data order; every process uses the same seed."""
     precision: str = "fp32"

@@ -339,14 +339,19 @@ def _naming_step(step: int) -> Iterator[None]:
 
 
 def _hparams(cfg: TrainConfig) -> dict[str, Any]:
-    """The run's HPARAMS columns: ``log.hparams`` (a sweep's varying overrides), else the key settings."""
-    if cfg.log.hparams:
-        return dict(cfg.log.hparams)
+    """The run's HPARAMS columns: ``log.hparams`` (a sweep's varying overrides), else the key settings;
+    with ``pipeline.balance=auto``, the split it chose and its predicted step time."""
     split = (
         cfg.pipeline.balance if cfg.pipeline.balance is not None else [len(s) for s in cfg.pipeline.stages]
     )
-    return {
+    split_text = "[" + ",".join(str(count) for count in split) + "]"
+    columns = dict(cfg.log.hparams) or {
         "schedule": cfg.schedule.name,
-        "balance": "[" + ",".join(str(count) for count in split) + "]",
+        "balance": split_text,
         "num_microbatches": cfg.pipeline.num_microbatches,
     }
+    auto = cfg.autobalance.result
+    if auto:
+        columns["balance"] = f"auto {split_text}"
+        columns["balance_predicted_step_time_s"] = auto["predicted_step_time_s"]
+    return columns

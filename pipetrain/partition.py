@@ -91,6 +91,12 @@ def plan_stages(
             "pipeline: give exactly one of pipeline.stages (unit names per stage) and pipeline.balance "
             f"(unit count per stage); set the other to null. Units of this model: {list(unit_names)}"
         )
+    if balance == "auto":
+        raise ValueError(
+            "pipeline.balance: auto is chosen by python -m pipetrain.train before launch (or run python -m "
+            "pipetrain.balance and use the pipeline it writes); here give the unit counts, e.g. "
+            f"{_even_balance(len(unit_names), 2)}"
+        )
     if balance is not None:
         return _plan_from_balance(unit_names, balance)
     return _plan_from_names(unit_names, stages)

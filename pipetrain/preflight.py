@@ -30,7 +30,7 @@ from pipetrain.stage import PRECISIONS
 from pipetrain.state_checks import check_checkpoint_readable, check_model_init, check_state_fits
 from pipetrain.targets import call_target, check_target_arguments
 
-__all__ = ["check_settings", "preflight", "stage_plan"]
+__all__ = ["check_pipeline_split", "check_settings", "preflight", "stage_plan"]
 
 _DEVICES = ("auto", "cpu", "cuda")
 
@@ -38,6 +38,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 def check_settings(cfg: TrainConfig) -> None:
     """Checks of single values that need neither the model nor the data."""
     _at_least(cfg.pipeline.num_microbatches, 1, "pipeline.num_microbatches")
+    check_pipeline_split(cfg)
     _at_least(cfg.pipeline.stages_per_worker, 1, "pipeline.stages_per_worker")
     _at_least(cfg.train.steps, 1, "train.steps")
     _at_least(cfg.train.batch_size, 1, "train.batch_size")
@@ -83,6 +84,38 @@ def check_settings(cfg: TrainConfig) -> None:
         )
     if cfg.lr_scheduler:
         _check_lr_scheduler(cfg)
+
+
+def check_pipeline_split(cfg: TrainConfig) -> None:
+    """``pipeline.balance`` is ``null``, ``auto`` or a list of unit counts; ``pipeline.num_stages`` fits the
+    split; the ``autobalance`` settings are in range."""
+    pipeline, balance = cfg.pipeline, cfg.pipeline.balance
+    if balance is not None and balance != "auto":
+        if not isinstance(balance, (list, tuple)) or not all(
+            isinstance(count, int) and not isinstance(count, bool) for count in balance
+        ):
+            raise ValueError(
+                f"pipeline.balance: {balance!r} is neither a list of unit counts (e.g. "
+                "pipeline.balance=[3,3]) nor auto (pipeline.balance=auto)"
+            )
+    if pipeline.num_stages is not None:
+        _at_least(pipeline.num_stages, 1, "pipeline.num_stages")
+        given = balance if balance not in (None, "auto") else pipeline.stages
+        if given is not None and len(given) != pipeline.num_stages:
+            raise ValueError(
+                f"pipeline.num_stages: {pipeline.num_stages} but the configured split has {len(given)} "
+                "stages (pipeline.balance / pipeline.stages); set pipeline.num_stages=null or make them agree"
+            )
+    elif balance == "auto" and pipeline.stages is None:
+        raise ValueError(
+            "pipeline.num_stages: pipeline.balance=auto needs the number of stages to cut the model into; "
+            "add pipeline.num_stages=2 (or another count)"
+        )
+    auto = cfg.autobalance
+    if auto.max_memory_mib is not None and not auto.max_memory_mib > 0:
+        raise ValueError(f"autobalance.max_memory_mib: {auto.max_memory_mib} must be > 0 (or null: no cap)")
+    _at_least(auto.warmup, 0, "autobalance.warmup")
+    _at_least(auto.repeats, 1, "autobalance.repeats")
 
 
 def stage_plan(cfg: TrainConfig) -> StagePlan:

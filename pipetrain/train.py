@@ -3,6 +3,7 @@
     python -m pipetrain.train                                      # the default example, 2 stages on CPU
     python -m pipetrain.train experiment=gpt schedule=1f1b pipeline.num_microbatches=8
     python -m pipetrain.train -m pipeline.balance=[2,4],[3,3],[4,2] schedule=gpipe,1f1b   # a sweep
+    python -m pipetrain.train experiment=gpt_wide_head pipeline.balance=auto    # profile, pick the split
     python -m pipetrain.train --config-dir my_conf --config-name my_run                # your own configs
 
 Each run (or sweep job) gets its own directory (Hydra's output dir, or ``run_dir=...``) holding
@@ -21,11 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from pipetrain.balance import AUTO, balance_run, result_record
+from pipetrain.balance.report import describe_choice
 from pipetrain.build import build_schedule_for, resume_step
 from pipetrain.checkpoint import check_run_dir_checkpoints
 from pipetrain.compose import (
     CONF_DIR,
     drop_group_arguments_in_app,
+    record_auto_balance,
     register_resolvers,
     to_train_config,
     write_run_config,
@@ -52,6 +56,11 @@ def _run(cfg: DictConfig) -> int:
         cfg.log.hparams = job_hparams(list(hydra_cfg.overrides.task))
     try:
         train_cfg = to_train_config(cfg)
+        if train_cfg.pipeline.balance == AUTO:
+            report = balance_run(train_cfg)  # profiles once per model, micro-batch and device per process
+            print(f"pipetrain: {describe_choice(report)}", flush=True)
+            cfg = record_auto_balance(cfg, result_record(report))
+            train_cfg = to_train_config(cfg)
         plan = preflight(train_cfg)
         check_writable(run_dir)
         lock = RunLock(run_dir).acquire()
