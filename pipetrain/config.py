@@ -62,8 +62,9 @@ class ScheduleConfig:
     """Which pipeline schedule orders the forward and backward actions."""
 
     name: str = "gpipe"
-    """A name known to :func:`pipetrain.schedule.build_schedule`: ``gpipe``, ``1f1b`` or
-    ``interleaved_1f1b``."""
+    """A name known to :func:`pipetrain.schedule.build_schedule`: ``gpipe``, ``1f1b``,
+    ``interleaved_1f1b``, or the zero-bubble ``zb_h1`` (one stage per worker) and ``zb_v`` (two stages per
+    worker in a V), which split each backward into input- and weight-gradient actions."""
 
 
 @dataclass(kw_only=True)

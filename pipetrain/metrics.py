@@ -93,6 +93,14 @@ class WorkerFigures:
     """Peak activation bytes held for backward (micro-batches in flight)."""
     sent_bytes: int = 0
     """Bytes of activations and gradients sent to other workers."""
+    busy_f_s: float = 0.0
+    """The part of ``busy_s`` spent in forward actions (``F``)."""
+    busy_b_s: float = 0.0
+    """The part of ``busy_s`` spent in full backward actions (``B``)."""
+    busy_i_s: float = 0.0
+    """The part of ``busy_s`` spent in input-gradient actions (``I``, split backward)."""
+    busy_w_s: float = 0.0
+    """The part of ``busy_s`` spent in weight-gradient actions (``W``, split backward)."""
 
 
 @dataclass(frozen=True)
@@ -118,9 +126,11 @@ class StepMetrics:
     bubble_fraction: float
     """Measured: idle over idle + busy, summed over workers."""
     bubble_fraction_predicted: float
-    """Simulated bubble of the schedule with unit forward/backward costs."""
+    """Simulated bubble of the schedule with unit costs (``F = B = 1``; ``F = I = W = 1`` when the schedule
+    splits backward)."""
     bubble_fraction_predicted_measured_costs: float
-    """Simulated bubble of the schedule with this step's measured mean compute times."""
+    """Simulated bubble of the schedule with this step's measured mean compute times (per stage and
+    action kind: ``F``, ``B``, ``I``, ``W``)."""
     workers: tuple[WorkerFigures, ...]
     data_time_s: float = 0.0
     """Time the driver waited for the step's batch (included in ``step_time_s``)."""
@@ -158,7 +168,23 @@ class StepMetrics:
             scalars[f"worker{k}/transfer_s"] = float(figures.transfer_s)
             scalars[f"worker{k}/peak_activation_mib"] = figures.peak_activation_bytes / 2**20
             scalars[f"worker{k}/sent_mib"] = figures.sent_bytes / 2**20
+            for kind in _KINDS:
+                scalars[f"worker{k}/busy_{kind}_s"] = float(getattr(figures, f"busy_{kind}_s"))
         return scalars
+
+
+_KINDS = ("f", "b", "i", "w")
+"""Action kinds whose busy time is logged apart, by their letter (``worker<k>/busy_<letter>_s``)."""
+
+
+def _busy_by_kind(reports: Sequence[StageReport]) -> dict[str, float]:
+    """Seconds of COMPUTE spans of each action kind, keyed ``busy_<letter>_s``."""
+    busy = {f"busy_{kind}_s": 0.0 for kind in _KINDS}
+    for report in reports:
+        for span in report.spans:
+            if span.category == SpanCategory.COMPUTE:
+                busy[f"busy_{Action.parse(span.name).kind.value.lower()}_s"] += span.duration
+    return busy
 
 
 def _by_stage(reports: Sequence[StageReport]) -> list[StageReport]:
@@ -186,6 +212,7 @@ def worker_figures(
                 transfer_s=sum(report.total(SpanCategory.TRANSFER) for report in own),
                 peak_activation_bytes=sum(report.peak_activation_bytes for report in own),
                 sent_bytes=sum(report.sent_bytes for report in own),
+                **_busy_by_kind(own),
             )
         )
     return tuple(figures)
@@ -206,20 +233,31 @@ def _mean(values: list[float]) -> float:
 
 
 def measured_costs(reports: Sequence[StageReport]) -> StageCosts:
-    """Per-stage mean duration of the forward and of the backward COMPUTE spans.
+    """Per-stage mean duration of the COMPUTE spans of each action kind.
 
-    Span names are parsed as actions (``"1F3"``); a stage without spans of a kind gets 0.0.
+    Span names are parsed as actions (``"1F3"``); a stage without spans of a kind gets 0.0. When any
+    stage ran split backward actions, the costs carry their ``I`` and ``W`` means too, and a stage's
+    ``backward`` is its ``I + W`` where it ran no full ``B``.
     """
-    forward: list[float] = []
-    backward: list[float] = []
+    means: dict[ActionKind, list[float]] = {kind: [] for kind in ActionKind}
     for report in _by_stage(reports):
-        durations: dict[ActionKind, list[float]] = {ActionKind.FORWARD: [], ActionKind.BACKWARD: []}
+        durations: dict[ActionKind, list[float]] = {kind: [] for kind in ActionKind}
         for span in report.spans:
             if span.category == SpanCategory.COMPUTE:
                 durations[Action.parse(span.name).kind].append(span.duration)
-        forward.append(_mean(durations[ActionKind.FORWARD]))
-        backward.append(_mean(durations[ActionKind.BACKWARD]))
-    return StageCosts(forward=tuple(forward), backward=tuple(backward))
+        for kind in ActionKind:
+            means[kind].append(_mean(durations[kind]))
+        if not durations[ActionKind.BACKWARD]:
+            means[ActionKind.BACKWARD][-1] = (
+                means[ActionKind.INPUT_GRAD][-1] + means[ActionKind.WEIGHT_GRAD][-1]
+            )
+    split = any(means[ActionKind.INPUT_GRAD]) or any(means[ActionKind.WEIGHT_GRAD])
+    return StageCosts(
+        forward=tuple(means[ActionKind.FORWARD]),
+        backward=tuple(means[ActionKind.BACKWARD]),
+        input_grad=tuple(means[ActionKind.INPUT_GRAD]) if split else None,
+        weight_grad=tuple(means[ActionKind.WEIGHT_GRAD]) if split else None,
+    )
 
 
 def step_metrics(

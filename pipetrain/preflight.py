@@ -26,6 +26,7 @@ from pipetrain.config import TrainConfig
 from pipetrain.data import check_num_classes
 from pipetrain.losses import get_loss
 from pipetrain.partition import StagePlan, partition
+from pipetrain.schedule import Schedule, splits_backward
 from pipetrain.stage import PRECISIONS
 from pipetrain.state_checks import check_checkpoint_readable, check_model_init, check_state_fits
 from pipetrain.targets import call_target, check_target_arguments
@@ -137,7 +138,7 @@ def preflight(cfg: TrainConfig, check_data: bool = True) -> StagePlan:
     _check_batchnorm_recompute(cfg, model)
     plan = build_plan(cfg, model)
     partition(model, plan)
-    build_schedule_for(cfg, plan.num_stages)
+    _check_compile(cfg, build_schedule_for(cfg, plan.num_stages))
     if check_data:
         dataset, eval_set = build_datasets(cfg)
         build_eval_batches(cfg, eval_set)
@@ -195,6 +196,17 @@ def _check_batchnorm_recompute(cfg: TrainConfig, model: torch.nn.Module) -> None
             f"pipeline.activation_checkpointing: {cfg.pipeline.activation_checkpointing} would run the "
             f"model's BatchNorm layers (e.g. {names[0]!r}) twice per micro-batch and update their running "
             "statistics twice; use pipeline.activation_checkpointing=never for this model"
+        )
+
+
+def _check_compile(cfg: TrainConfig, schedule: Schedule) -> None:
+    """Refuse ``torch.compile`` under a schedule that splits backward (it runs one graph's backward twice)."""
+    if cfg.train.compile and splits_backward(schedule):
+        raise ValueError(
+            f"train.compile: schedule={cfg.schedule.name} splits each backward into input and weight "
+            "gradients, which walks the stage's autograd graph twice; a compiled stage has one fused "
+            "backward that runs once. Use train.compile=false, or a schedule of whole backwards "
+            "(gpipe, 1f1b, interleaved_1f1b)"
         )
 
 

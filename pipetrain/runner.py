@@ -4,8 +4,9 @@
 and the RPC transport both drive it. Per step it receives its worker's actions (with stage 0's
 micro-batches and the last stage's targets), requests every input that another worker produces at once,
 then runs the actions one at a time, each as soon as its input is there, with one dispatch over the action
-kinds. An output whose consumer is a stage of the same worker is handed over in-process (no copy, no
-transport); one whose consumer lives elsewhere waits in the outbox until that worker fetches it.
+kinds (``F``, ``B``, and the split backward's ``I`` and ``W``). An output whose consumer is a stage of the
+same worker is handed over in-process (no copy, no transport); one whose consumer lives elsewhere waits
+in the outbox until that worker fetches it.
 
 The optimizer step is a phase of its own: the driver asks for it (:meth:`WorkerRunner.optimizer_step`)
 after sending the actions, and each stage steps as soon as its own actions are done and the request is
@@ -385,11 +386,10 @@ class WorkerRunner:
             return stage.forward(action.mb_idx, value, target)
         if kind is ActionKind.BACKWARD:
             return stage.backward(action.mb_idx, value)
-        if kind in (ActionKind.INPUT_GRAD, ActionKind.WEIGHT_GRAD):
-            raise ValueError(
-                f"action {action}: split backward ({kind.name.lower()}) is not run by this runtime yet; "
-                "use a schedule of F and B actions"
-            )
+        if kind is ActionKind.INPUT_GRAD:
+            return stage.backward_input(action.mb_idx, value)
+        if kind is ActionKind.WEIGHT_GRAD:
+            return stage.backward_weight(action.mb_idx)
         raise AssertionError(f"unknown action kind {kind!r}")
 
     def _hand_over(self, action: Action, output: Any, local_outputs: dict[Action, Any]) -> None:

@@ -4,13 +4,19 @@ A :class:`Stage` keeps, for every micro-batch it has run forward and not yet bac
 received (its floating-point tensors as leaves that require grad) and the output it produced (the scaled
 loss on the last stage). ``backward(mb, grad_output)`` runs autograd from that output and returns the
 gradient of the input, so gradients of all micro-batches accumulate in ``.grad`` and one ``step()`` equals
-one optimizer step on the whole batch. Inputs, outputs and gradients may be tensors or any nesting of
-tuples, lists and dicts of tensors and constants (:mod:`pipetrain.boundary`). A stage without parameters
-has no optimizer. The stage knows nothing about transports or schedules: the caller orders the actions.
+one optimizer step on the whole batch. Zero-bubble schedules run that backward in two halves:
+``backward_input(mb, grad_output)`` returns the input's gradient and keeps the graph and the gradients
+reaching the parameters' uses, and ``backward_weight(mb)`` accumulates the parameter gradients later
+(:mod:`pipetrain.split_backward`); together they cost about one ``backward``. What ``backward_input``
+keeps counts as activation memory until ``backward_weight`` releases it. Inputs, outputs and gradients may
+be tensors or any nesting of tuples, lists and dicts of tensors and constants (:mod:`pipetrain.boundary`).
+A stage without parameters has no optimizer. The stage knows nothing about transports or schedules: the
+caller orders the actions.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -24,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from pipetrain import boundary
 from pipetrain.losses import LossFn
 from pipetrain.schedule import Action, ActionKind
+from pipetrain.split_backward import PendingWeightGrad, UnsplittableBackward, input_grad, weight_grad
 from pipetrain.timings import Span, SpanCategory, StageReport
 
 __all__ = ["PRECISIONS", "OptimizerFactory", "LrSchedulerFactory", "Stage"]
@@ -33,6 +40,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LrSchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+_log = logging.getLogger(__name__)
 
 
 class Stage:
@@ -99,6 +108,8 @@ class Stage:
         self._held_bytes = 0
         self._peak_saved_bytes = 0
         self._parameter_storages = {p.untyped_storage().data_ptr() for p in self.module.parameters()}
+        self._pending_weight_grads: dict[int, PendingWeightGrad] = {}
+        self._split_refused: str | None = None
 
     @property
     def is_last(self) -> bool:
@@ -191,26 +202,87 @@ class Stage:
         ``grad_output`` mirrors the output (``None`` where an output leaf has no gradient); the returned
         gradient mirrors the input, with ``None`` for leaves that do not require grad.
         """
+        start = time.time()
+        x, tensors, grads = self._take_backward(mb_idx, grad_output)
+        self._release(mb_idx)
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        grad_input = boundary.input_grads(x) if self.stage_idx > 0 else None
+        self._record(Action(self.stage_idx, ActionKind.BACKWARD, mb_idx), start)
+        return self._outgoing(grad_input)
+
+    def backward_input(self, mb_idx: int, grad_output: Any | None = None) -> Any | None:
+        """The first half of micro-batch ``mb_idx``'s backward (``I``): return the gradient of its input.
+
+        Like :meth:`backward`, but the parameter gradients wait for :meth:`backward_weight`; the graph
+        and the gradients reaching the parameters' uses are kept (and counted as activation memory) until
+        then. Where the graph cannot be split, this runs the full backward (logged once per stage) and
+        :meth:`backward_weight` has nothing left to do.
+        """
+        start = time.time()
+        x, tensors, grads = self._take_backward(mb_idx, grad_output)
+        leaves = [t for t in boundary.tensor_leaves(x) if t.requires_grad] if self.stage_idx > 0 else []
+        pending = PendingWeightGrad()
+        if tensors and self._split_refused is None:
+            try:
+                results, pending = input_grad(tensors, grads, leaves, list(self.module.named_parameters()))
+            except UnsplittableBackward as error:
+                self._split_refused = str(error)
+                _log.warning(
+                    "stage %d: the backward cannot be split into input and weight gradients (%s); this stage "
+                    "runs the full backward in its I actions and nothing in its W actions",
+                    self.stage_idx,
+                    error,
+                )
+            else:
+                for leaf, grad in zip(leaves, results, strict=True):
+                    leaf.grad = grad
+        self._pending_weight_grads[mb_idx] = pending
+        if tensors and self._split_refused is not None:
+            torch.autograd.backward(tensors, grads)
+            self._release(mb_idx)
+        else:
+            held = pending.grad_bytes
+            self._saved_bytes[mb_idx] += held
+            self._held_bytes += held
+            self._peak_saved_bytes = max(self._peak_saved_bytes, self._held_bytes)
+        grad_input = boundary.input_grads(x) if self.stage_idx > 0 else None
+        self._record(Action(self.stage_idx, ActionKind.INPUT_GRAD, mb_idx), start)
+        return self._outgoing(grad_input)
+
+    def backward_weight(self, mb_idx: int) -> None:
+        """The second half of micro-batch ``mb_idx``'s backward (``W``): accumulate its parameter gradients
+        into ``.grad`` and release what :meth:`backward_input` kept."""
+        start = time.time()
+        pending = self._pending_weight_grads.pop(mb_idx, None)
+        if pending is None:
+            raise RuntimeError(
+                f"stage {self.stage_idx}: weight gradient of micro-batch {mb_idx} before its input gradient"
+            )
+        weight_grad(pending)
+        self._release(mb_idx)
+        self._record(Action(self.stage_idx, ActionKind.WEIGHT_GRAD, mb_idx), start)
+
+    def _take_backward(self, mb_idx: int, grad_output: Any | None) -> tuple[Any, list, list]:
+        """Pop micro-batch ``mb_idx``'s input and output; the input and the backward's (tensors, grads)."""
         if mb_idx not in self._outputs:
             raise RuntimeError(f"stage {self.stage_idx}: backward of micro-batch {mb_idx} before its forward")
         output = self._outputs[mb_idx]
         if not self.is_last and grad_output is None and boundary.requires_grad(output):
             raise RuntimeError(f"stage {self.stage_idx}: backward of micro-batch {mb_idx} needs a gradient")
-        start = time.time()
         del self._outputs[mb_idx]
         x = self._inputs.pop(mb_idx)
-        self._held_bytes -= self._saved_bytes.pop(mb_idx)
         if self.is_last:
             tensors, grads = ([output], [None]) if output.requires_grad else ([], [])
         else:
             grad = boundary.to_device(grad_output, self.device, non_blocking=True)
             tensors, grads = boundary.backward_pairs(output, grad)
             grads = [g.to(t.dtype) for t, g in zip(tensors, grads, strict=True)]  # bf16 on the wire
-        if tensors:
-            torch.autograd.backward(tensors, grads)
-        grad_input = boundary.input_grads(x) if self.stage_idx > 0 else None
-        self._record(Action(self.stage_idx, ActionKind.BACKWARD, mb_idx), start)
-        return self._outgoing(grad_input)
+        return x, tensors, grads
+
+    def _release(self, mb_idx: int) -> None:
+        """Micro-batch ``mb_idx`` no longer holds activation memory."""
+        self._held_bytes -= self._saved_bytes.pop(mb_idx, 0)
 
     def gradient_norms(self) -> list[float]:
         """The 2-norm of each parameter's accumulated gradient (parameters without one are left out).
@@ -228,9 +300,10 @@ class Stage:
         are dropped without an optimizer step (non-finite gradients somewhere in the pipeline). The
         learning-rate scheduler advances either way: it counts training steps.
         """
-        if self._outputs:
+        if self._outputs or self._pending_weight_grads:
+            waiting = sorted({*self._outputs, *self._pending_weight_grads})
             raise RuntimeError(
-                f"stage {self.stage_idx}: optimizer step with micro-batches {sorted(self._outputs)} "
+                f"stage {self.stage_idx}: optimizer step with micro-batches {waiting} "
                 "still waiting for backward"
             )
         start = time.time()

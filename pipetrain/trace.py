@@ -3,8 +3,10 @@
 The file opens in Perfetto (https://ui.perfetto.dev) and ``chrome://tracing``: every worker is
 one process (``pid`` = worker index; the span names are actions, ``3F2``, which name the stage) and
 every :class:`~pipetrain.timings.SpanCategory` one thread of it, so compute, waits, transfers and the
-optimizer steps of a worker show as separate lanes. Times are microseconds relative to an origin
-(by default the earliest span start).
+optimizer steps of a worker show as separate lanes. Compute spans carry their action kind (``args.kind``)
+and a colour per kind (``cname``: forward, full backward, and the split backward's input and weight
+gradients each in their own). Times are microseconds relative to an origin (by default the earliest span
+start).
 """
 
 from __future__ import annotations
@@ -16,12 +18,27 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipetrain.schedule import Action, ActionKind
 from pipetrain.timings import SpanCategory, StageReport
 
-__all__ = ["CATEGORY_TIDS", "chrome_trace_events", "write_chrome_trace", "write_trace_document"]
+__all__ = [
+    "CATEGORY_TIDS",
+    "KIND_COLOURS",
+    "chrome_trace_events",
+    "write_chrome_trace",
+    "write_trace_document",
+]
 
 CATEGORY_TIDS: dict[SpanCategory, int] = {category: tid for tid, category in enumerate(SpanCategory)}
 """Thread id of each span category inside a stage's process (fixed across stages and steps)."""
+
+KIND_COLOURS: dict[ActionKind, str] = {
+    ActionKind.FORWARD: "thread_state_running",
+    ActionKind.BACKWARD: "thread_state_iowait",
+    ActionKind.INPUT_GRAD: "rail_response",
+    ActionKind.WEIGHT_GRAD: "rail_animation",
+}
+"""Colour (a Chrome trace ``cname``) of the compute spans of each action kind."""
 
 _US_PER_S = 1e6
 
@@ -61,17 +78,20 @@ def chrome_trace_events(
             events.append(_metadata_event("thread_sort_index", pid, {"sort_index": tid}, tid))
     for report in reports:
         for span in report.spans:
-            events.append(
-                {
-                    "name": span.name,
-                    "cat": SpanCategory(span.category).value,
-                    "ph": "X",
-                    "pid": worker_of[report.stage_idx],
-                    "tid": CATEGORY_TIDS[SpanCategory(span.category)],
-                    "ts": (span.start - origin) * _US_PER_S,
-                    "dur": max(span.duration, 0.0) * _US_PER_S,
-                }
-            )
+            event = {
+                "name": span.name,
+                "cat": SpanCategory(span.category).value,
+                "ph": "X",
+                "pid": worker_of[report.stage_idx],
+                "tid": CATEGORY_TIDS[SpanCategory(span.category)],
+                "ts": (span.start - origin) * _US_PER_S,
+                "dur": max(span.duration, 0.0) * _US_PER_S,
+            }
+            if SpanCategory(span.category) is SpanCategory.COMPUTE:
+                kind = Action.parse(span.name).kind
+                event["cname"] = KIND_COLOURS[kind]
+                event["args"] = {"kind": kind.value}
+            events.append(event)
     return events
 
 

@@ -5,6 +5,7 @@
     python scripts/bench.py --quick --out /tmp/bench                  # smoke test (tests/test_bench.py)
     python scripts/bench.py --model mlp --stages 3 --microbatches 4   # p = 3 (functional, not a timing)
     python scripts/bench.py --schedules interleaved_1f1b --microbatches 4,8   # the interleaved rows only
+    python scripts/bench.py --model gpt --schedules 1f1b,interleaved_1f1b,zb_h1,zb_v --microbatches 8
 
 Every method trains the same model (same config, seed and initial weights), on the same batches of the
 same batch size, with the same optimizer (pipetrain's configured one, AdamW by default), on ``p`` worker
@@ -20,10 +21,14 @@ processes (``--stages``, 2):
 ``pipetrain-interleaved``
     The same with ``schedule=interleaved_1f1b pipeline.stages_per_worker=<v>`` (``--stages-per-worker``, 2):
     the same model cut into ``p * v`` stages (the blocks spread evenly), stage ``s`` on worker ``s mod p``.
-``pipelining-gpipe`` / ``pipelining-1f1b`` / ``pipelining-interleaved``
-    ``torch.distributed.pipelining`` ``ScheduleGPipe`` / ``Schedule1F1B`` / ``ScheduleInterleaved1F1B`` on
-    gloo with the same stage modules (``pipetrain.partition.partition``) on the same ranks as pipetrain's
-    workers (``v`` stages each for the interleaved one), launched with torchrun on
+``pipetrain-zb_h1`` / ``pipetrain-zb_v`` (only with ``--schedules``)
+    The zero-bubble schedules: ``schedule=zb_h1`` on the ``p`` stages, ``schedule=zb_v`` on the same model
+    cut into ``2 p`` stages, stages ``r`` and ``2p-1-r`` on worker ``r``.
+``pipelining-gpipe`` / ``pipelining-1f1b`` / ``pipelining-interleaved`` / ``pipelining-zb_h1`` / ``-zb_v``
+    ``torch.distributed.pipelining`` ``ScheduleGPipe`` / ``Schedule1F1B`` / ``ScheduleInterleaved1F1B`` /
+    ``ScheduleInterleavedZeroBubble`` (one stage per rank) / ``ScheduleZBVZeroBubble`` on gloo with the same
+    stage modules (``pipetrain.partition.partition``) on the same ranks as pipetrain's workers (``v``
+    stages each for the interleaved one, the V pair for ZB-V), launched with torchrun on
     ``scripts/pipelining_baseline.py``, which logs its steps with pipetrain's metrics code into the same
     ``metrics.jsonl`` figures (see its docstring).
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from bench_settings import Config, Settings, configurations, model_overrides, schedule_of, unsupported
 
-from pipetrain.schedule import Schedule, Timeline, simulate
+from pipetrain.schedule import Schedule, Timeline, simulate, splits_backward
 
 __all__ = ["build_rows", "check_losses", "describe", "format_table", "summarize_run", "write_outputs"]
 
@@ -55,14 +55,22 @@ def step_figures(record: dict[str, Any], batch_size: int, unit: Timeline | None)
     t_mb = max(busy) / stage_passes
     figures.update(
         t_mb_ms=t_mb * 1e3,
-        e_mb=unit.makespan / 2 * t_mb / step_time,
+        e_mb=unit.makespan / _unit_passes(schedule) * t_mb / step_time,
         bubble=record["bubble"],
         pred_unit=record["pred_unit"],
         pred_measured=record["pred_measured"],
-        overhead_ms=(record["window_s"] - measured_makespan(record)) / (2 * stage_passes) * 1e3,
+        overhead_ms=(record["window_s"] - measured_makespan(record))
+        / (_unit_passes(schedule) * stage_passes)
+        * 1e3,
         peak_activation_mib=list(record["peak_activation_mib"]),
     )
     return figures
+
+
+def _unit_passes(schedule: Schedule) -> int:
+    """Unit-cost time of one micro-batch's forward and backward on one stage: F + B = 2, or F + I + W = 3
+    for a schedule that splits the backward."""
+    return 3 if splits_backward(schedule) else 2
 
 
 def measured_makespan(record: dict[str, Any]) -> float:

@@ -29,8 +29,15 @@ __all__ = [
     "unsupported",
 ]
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-SHORT_NAMES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved_1f1b": "interleaved"}
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v")
+DEFAULT_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SHORT_NAMES = {
+    "gpipe": "gpipe",
+    "1f1b": "1f1b",
+    "interleaved_1f1b": "interleaved",
+    "zb_h1": "zb_h1",
+    "zb_v": "zb_v",
+}
 MODEL_DEFAULTS = {
     # Chosen so that one micro-batch's forward+backward on one stage takes about 30-40 ms at m = 4 on one
     # core of the 2-core development machine.
@@ -110,7 +117,9 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "") -> argp
         "--stages-per-worker", type=int, default=2, help="v of the interleaved rows (default 2)"
     )
     parser.add_argument(
-        "--schedules", default=",".join(SCHEDULES), help=f"comma-separated (default {','.join(SCHEDULES)})"
+        "--schedules",
+        default=",".join(DEFAULT_SCHEDULES),
+        help=f"comma-separated, of {','.join(SCHEDULES)} (default {','.join(DEFAULT_SCHEDULES)})",
     )
     parser.add_argument("--microbatches", default=None, help="comma-separated m values (default 2,4,8,16)")
     parser.add_argument("--steps", type=int, help="steps per run, warm-up included (default 12)")
@@ -206,11 +215,12 @@ def check_settings(settings: Settings) -> None:
 def split_of(settings: Settings, config: Config) -> tuple[tuple[int, ...], int]:
     """Units per stage and stages per worker of a pipeline configuration.
 
-    The interleaved rows cut the same model into ``p * v`` stages with :func:`default_balance`.
+    The interleaved rows cut the same model into ``p * v`` stages with :func:`default_balance`, the ZB-V
+    rows into ``2 p`` stages.
     """
-    if config.schedule != "interleaved_1f1b":
+    if config.schedule not in ("interleaved_1f1b", "zb_v"):
         return settings.balance, 1
-    v = settings.stages_per_worker
+    v = settings.stages_per_worker if config.schedule == "interleaved_1f1b" else 2
     return default_balance(settings.model, settings.layers, settings.num_workers * v), v
 
 
@@ -266,8 +276,9 @@ def unsupported(settings: Settings, config: Config) -> str | None:
     assert m is not None
     if config.method == "pipelining" and config.schedule == "1f1b" and m < settings.num_workers:
         return "Schedule1F1B needs m >= p"
-    if config.schedule == "interleaved_1f1b":
-        num_stages = settings.num_workers * settings.stages_per_worker
+    if config.schedule in ("interleaved_1f1b", "zb_v"):
+        v = settings.stages_per_worker if config.schedule == "interleaved_1f1b" else 2
+        num_stages = settings.num_workers * v
         if settings.layers < num_stages:
             return f"{num_stages} stages need --layers >= {num_stages}"
         try:

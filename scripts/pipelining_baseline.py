@@ -54,6 +54,8 @@ from torch.distributed.pipelining import (
     Schedule1F1B,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
 )
 
 from pipetrain.build import build_dataset, build_model, build_plan, build_schedule_for
@@ -69,7 +71,13 @@ from pipetrain.timings import Span, SpanCategory, StageReport
 from pipetrain.topology import Topology
 
 SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-MULTI_STAGE_SCHEDULES = {"interleaved_1f1b": ScheduleInterleaved1F1B}
+MULTI_STAGE_SCHEDULES = {
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    # ZB-H1 is PyTorch's interleaved zero-bubble schedule with one stage per rank; ZB-V needs the V placement
+    # (stages r and 2W-1-r on rank r), which pipetrain's zb_v schedule declares and the topology follows.
+    "zb_h1": ScheduleInterleavedZeroBubble,
+    "zb_v": ScheduleZBVZeroBubble,
+}
 
 
 class StageProbe:
@@ -85,8 +93,10 @@ class StageProbe:
         self._parameter_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
         self._forward = stage.forward_one_chunk
         self._backward = stage.backward_one_chunk
+        self._backward_weight = stage.backward_weight_one_chunk
         stage.forward_one_chunk = self._recorded_forward
         stage.backward_one_chunk = self._recorded_backward
+        stage.backward_weight_one_chunk = self._recorded_backward_weight
         self.reset()
 
     def reset(self) -> None:
@@ -137,7 +147,16 @@ class StageProbe:
     def _recorded_backward(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         result = self._backward(bwd_chunk_id, *args, **kwargs)
-        self._record(ActionKind.BACKWARD, bwd_chunk_id, start)
+        full = kwargs.get("full_backward", True)
+        self._record(ActionKind.BACKWARD if full else ActionKind.INPUT_GRAD, bwd_chunk_id, start)
+        if full:  # a split backward holds its activations until its weight gradient
+            self._in_flight.pop(bwd_chunk_id, None)
+        return result
+
+    def _recorded_backward_weight(self, bwd_chunk_id: int, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = self._backward_weight(bwd_chunk_id, *args, **kwargs)
+        self._record(ActionKind.WEIGHT_GRAD, bwd_chunk_id, start)
         self._in_flight.pop(bwd_chunk_id, None)
         return result
 

@@ -75,7 +75,17 @@ STEP_TAGS = [
     "pipeline/bubble_fraction_predicted",
     "pipeline/bubble_fraction_predicted_measured_costs",
 ]
-WORKER_TAG_NAMES = ("busy_s", "idle_s", "transfer_s", "peak_activation_mib", "sent_mib")
+WORKER_TAG_NAMES = (
+    "busy_s",
+    "idle_s",
+    "transfer_s",
+    "peak_activation_mib",
+    "busy_f_s",
+    "busy_b_s",
+    "busy_i_s",
+    "busy_w_s",
+    "sent_mib",
+)
 
 
 def worker_tags(num_workers: int) -> list[str]:

@@ -89,3 +89,18 @@ def test_interleaved_rows_cut_the_same_model_into_more_stages(bench_settings):
     assert "pipeline.balance=[2,1,1,2]" in interleaved
     assert "pipeline.stages_per_worker=2" in interleaved and "schedule=interleaved_1f1b" in interleaved
     assert "pipeline.balance=[3,3]" in bench_settings.run_overrides(settings, by_name["pipetrain-1f1b"])
+
+
+def test_zero_bubble_rows_run_the_same_split_as_pytorchs(bench_settings):
+    """zb_h1 runs the p-stage split; zb_v cuts the model into 2p stages, two per worker; the PyTorch rows
+    get the same overrides (they build the same stages and placement from them)."""
+    args = bench_settings.parse_args(["--quick", "--schedules", "1f1b,zb_h1,zb_v", "--microbatches", "4"])
+    settings = bench_settings.settings_from_args(args)
+    by_name = {config.name: config for config in bench_settings.configurations(settings)}
+    assert {"pipetrain-zb_h1", "pipetrain-zb_v", "pipelining-zb_h1", "pipelining-zb_v"} <= by_name.keys()
+    zb_v = bench_settings.run_overrides(settings, by_name["pipelining-zb_v"])
+    assert "pipeline.balance=[2,1,1,2]" in zb_v and "pipeline.stages_per_worker=2" in zb_v
+    assert bench_settings.schedule_of(settings, by_name["pipetrain-zb_v"]).placement == (0, 1, 1, 0)
+    zb_h1 = bench_settings.run_overrides(settings, by_name["pipetrain-zb_h1"])
+    assert "pipeline.balance=[3,3]" in zb_h1 and "schedule=zb_h1" in zb_h1
+    assert not any(bench_settings.unsupported(settings, config) for config in by_name.values())

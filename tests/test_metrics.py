@@ -77,7 +77,9 @@ def _metrics(step: int = 3, num_stages: int = 2) -> StepMetrics:
 def test_worker_figures_hand_made() -> None:
     figures = worker_figures(_hand_reports(), 10.0, (0, 1))
     assert len(figures) == 2
-    assert figures[0] == pytest.approx(WorkerFigures(busy_s=3.25, idle_s=6.75, transfer_s=0.25))
+    assert figures[0] == pytest.approx(
+        WorkerFigures(busy_s=3.25, idle_s=6.75, transfer_s=0.25, busy_f_s=1.0, busy_b_s=2.25)
+    )
     assert figures[0].busy_s == pytest.approx(3.25)
     assert figures[0].idle_s == pytest.approx(6.75)
     assert figures[0].transfer_s == pytest.approx(0.25)
@@ -124,6 +126,55 @@ def test_measured_costs_hand_made() -> None:
     costs = measured_costs(reports)
     assert costs.forward == pytest.approx((1.0, 3.0))
     assert costs.backward == pytest.approx((2.5, 2.0))
+
+
+def _split_reports() -> list[StageReport]:
+    return [
+        _report(0, (C, "0F0", 0.0, 1.0), (C, "0I0", 4.0, 4.5), (C, "0W0", 4.5, 6.5)),
+        _report(1, (C, "1F0", 1.0, 2.0), (W, "1I0", 2.0, 2.5), (C, "1I0", 2.5, 4.0), (C, "1W0", 4.0, 5.0)),
+    ]
+
+
+def test_split_backward_costs_and_busy_by_kind() -> None:
+    reports = _split_reports()
+    costs = measured_costs(reports)
+    assert costs.forward == pytest.approx((1.0, 1.0))
+    assert costs.input_grad == pytest.approx((0.5, 1.5))
+    assert costs.weight_grad == pytest.approx((2.0, 1.0))
+    assert costs.backward == pytest.approx((2.5, 2.5))  # no B ran: I + W
+    figures = worker_figures(reports, 7.0, (0, 1))
+    assert (figures[1].busy_f_s, figures[1].busy_i_s, figures[1].busy_w_s, figures[1].busy_b_s) == (
+        pytest.approx(1.0),
+        pytest.approx(1.5),
+        pytest.approx(1.0),
+        0.0,
+    )
+    assert figures[1].busy_s == pytest.approx(3.5)
+    scalars = StepMetrics(
+        step=1,
+        loss=0.0,
+        samples_per_sec=1.0,
+        step_time_s=1.0,
+        bubble_fraction=0.0,
+        bubble_fraction_predicted=0.0,
+        bubble_fraction_predicted_measured_costs=0.0,
+        workers=figures,
+    ).scalars()
+    assert scalars["worker0/busy_w_s"] == pytest.approx(2.0)
+    assert scalars["worker0/busy_i_s"] == pytest.approx(0.5)
+    assert scalars["worker0/busy_s"] == pytest.approx(3.5)
+
+
+def test_trace_colours_split_backward_kinds(tmp_path) -> None:
+    path = tmp_path / "trace.json"
+    write_chrome_trace(path, _split_reports())
+    events = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
+    colours = {e["name"]: e.get("cname") for e in events if e["cat"] == "compute"}
+    assert colours["0F0"] == colours["1F0"]
+    assert len({colours["0F0"], colours["0I0"], colours["0W0"]}) == 3
+    assert colours["1I0"] == colours["0I0"] and colours["1W0"] == colours["0W0"]
+    assert {e["args"]["kind"] for e in events if e["cat"] == "compute"} == {"F", "I", "W"}
+    assert all("cname" not in e for e in events if e["cat"] != "compute")
 
 
 def test_measured_costs_missing_kind_is_zero() -> None:

@@ -222,11 +222,13 @@ def test_builders_action_lists():
         _acts("2F0 2B0 2F1 2B1"),
     )
     assert one_f_one_b(3, 2).placement == (0, 1, 2)
-    assert set(SCHEDULE_BUILDERS) == {"gpipe", "1f1b", "interleaved_1f1b"}
+    assert set(SCHEDULE_BUILDERS) == {"gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v"}
     assert {name: b.placement for name, b in SCHEDULE_BUILDERS.items()} == {
         "gpipe": "one",
         "1f1b": "one",
         "interleaved_1f1b": "loop",
+        "zb_h1": "one",
+        "zb_v": "v",
     }
 
 
@@ -600,7 +602,9 @@ def test_validator_bad_input():
 
 
 def test_build_schedule_errors():
-    with pytest.raises(ValueError, match=r"unknown schedule 'zb'.*`schedule`.*1f1b, gpipe, interleaved_1f1b"):
+    with pytest.raises(
+        ValueError, match=r"unknown schedule 'zb'.*`schedule`.*1f1b, gpipe, interleaved_1f1b, zb_h1, zb_v"
+    ):
         build_schedule("zb", 2, 4)
     with pytest.raises(ValueError, match="pipeline.num_microbatches must be an int >= 1, got 0"):
         build_schedule("1f1b", 2, 0)
@@ -615,7 +619,7 @@ def test_one_stage_per_worker_schedules_refuse_several(name):
     pattern = (
         rf"pipeline.stages_per_worker=2: schedule={name} runs one stage per worker; set "
         r"pipeline.stages_per_worker=1, or pick a schedule that hosts several stages per worker "
-        r"\(interleaved_1f1b\)"
+        r"\(interleaved_1f1b, zb_v\)"
     )
     with pytest.raises(ValueError, match=pattern):
         build_schedule(name, 4, 4, stages_per_worker=2)

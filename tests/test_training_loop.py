@@ -381,3 +381,9 @@ def test_rpc_bf16_sends_activations_and_gradients_in_two_bytes(tmp_path):
         assert entry["worker0/sent_mib"] * 2**20 == 16 * 64 * 2
         assert entry["worker1/sent_mib"] * 2**20 == 16 * 64 * 2
     assert entries[-1]["train/loss"] < entries[0]["train/loss"] * 1.5
+
+
+def test_compile_is_refused_under_a_split_backward_schedule():
+    cfg = to_train_config(compose_config(["schedule=zb_h1", "train.compile=true"]))
+    with pytest.raises(ValueError, match="train.compile: schedule=zb_h1 splits each backward"):
+        preflight(cfg, check_data=False)

@@ -22,6 +22,8 @@ from pipetrain.schedule.builders import (
     interleaved_1f1b,
     one_f_one_b,
     workers_needed,
+    zb_h1,
+    zb_v,
 )
 from pipetrain.schedule.csv_io import CSV_FORMATS, load_schedule_csv, save_schedule_csv
 from pipetrain.schedule.order import dependencies, execution_order, input_dependency, output_consumer
@@ -35,7 +37,7 @@ from pipetrain.schedule.placement import (
 )
 from pipetrain.schedule.render import render_schedule, render_timeline
 from pipetrain.schedule.schedule import Schedule
-from pipetrain.schedule.simulate import StageCosts, TimedAction, Timeline, simulate
+from pipetrain.schedule.simulate import StageCosts, TimedAction, Timeline, simulate, splits_backward
 from pipetrain.schedule.validate import validate_schedule
 
 __all__ = [
@@ -66,7 +68,10 @@ __all__ = [
     "render_timeline",
     "save_schedule_csv",
     "simulate",
+    "splits_backward",
     "v_placement",
     "validate_schedule",
     "workers_needed",
+    "zb_h1",
+    "zb_v",
 ]

@@ -6,6 +6,11 @@ Examples::
     python -m pipetrain.schedule interleaved_1f1b --stages 4 --stages-per-worker 2 --microbatches 8
     python -m pipetrain.schedule gpipe --stages 2 --microbatches 4 --forward-costs 1,1 --backward-costs 2,2
     python -m pipetrain.schedule 1f1b --stages 4 --microbatches 8 --csv s.csv --torch-csv s_torch.csv
+    python -m pipetrain.schedule zb_h1 --stages 4 --microbatches 8
+    python -m pipetrain.schedule zb_v --stages 8 --stages-per-worker 2 --microbatches 8 \
+        --forward-costs 1,1,1,1,1,1,1,1 --input-grad-costs 1,1,1,1,1,1,1,1 --weight-grad-costs 1,1,1,1,1,1,1,1
+
+Schedules that split the backward (zb_h1, zb_v) default to F = I = W = 1 (and B = 2).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pipetrain.schedule.builders import SCHEDULE_BUILDERS, build_schedule
 from pipetrain.schedule.csv_io import save_schedule_csv
 from pipetrain.schedule.render import render_timeline
 from pipetrain.schedule.schedule import Schedule
-from pipetrain.schedule.simulate import StageCosts, simulate
+from pipetrain.schedule.simulate import StageCosts, simulate, splits_backward
 
 __all__ = ["main"]
 
@@ -43,17 +48,20 @@ def _closed_form(schedule: Schedule) -> str | None:
         return f"(S-1)/(M+S-1) = {(s - 1) / (m + s - 1):.3f}"
     if schedule.name == "interleaved_1f1b" and m >= w:
         return f"(W-1)/(v*M+W-1) = {(w - 1) / (s // w * m + w - 1):.3f}"
+    if schedule.name == "zb_h1" and m >= s:
+        return f"(S-1)/(3M+S-1) = {(s - 1) / (3 * m + s - 1):.3f}"
     return None
 
 
 def _run(args: argparse.Namespace) -> None:
     s, m = args.stages, args.microbatches
     schedule = build_schedule(args.name, s, m, args.stages_per_worker)
+    split = splits_backward(schedule)
     costs = StageCosts(
         _costs("--forward-costs", args.forward_costs, s),
-        _costs("--backward-costs", args.backward_costs, s),
-        _costs("--input-grad-costs", args.input_grad_costs, s, default=None),
-        _costs("--weight-grad-costs", args.weight_grad_costs, s, default=None),
+        _costs("--backward-costs", args.backward_costs, s, default=2.0 if split else 1.0),
+        _costs("--input-grad-costs", args.input_grad_costs, s, default=1.0 if split else None),
+        _costs("--weight-grad-costs", args.weight_grad_costs, s, default=1.0 if split else None),
     )
     timeline = simulate(schedule, costs)
     for path, format in ((args.csv, "pipetrain"), (args.torch_csv, "torch")):
@@ -65,7 +73,7 @@ def _run(args: argparse.Namespace) -> None:
     print(render_timeline(timeline))
     bubble = f"predicted bubble fraction: {timeline.bubble_fraction:.3f}"
     closed_form = _closed_form(schedule)
-    if costs == StageCosts.unit(s) and closed_form:
+    if costs == StageCosts.unit(s, split) and closed_form:
         bubble += f" ({closed_form} under unit costs)"
     print(bubble)
     peaks = ", ".join(f"stage {j}: {p}" for j, p in sorted(timeline.peak_in_flight.items()))
@@ -85,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microbatches", type=int, required=True, help="micro-batches per step M")
     parser.add_argument("--forward-costs", help="per-stage forward durations, e.g. 1,1 (default: all 1)")
     parser.add_argument("--backward-costs", help="per-stage backward durations, e.g. 2,2 (default: all 1)")
-    parser.add_argument("--input-grad-costs", help="per-stage I durations (default: half the backward)")
-    parser.add_argument("--weight-grad-costs", help="per-stage W durations (default: half the backward)")
+    parser.add_argument(
+        "--input-grad-costs", help="per-stage I durations (default: 1 for zb_h1/zb_v, else half the backward)"
+    )
+    parser.add_argument(
+        "--weight-grad-costs",
+        help="per-stage W durations (default: 1 for zb_h1/zb_v, else half the backward)",
+    )
     parser.add_argument("--csv", help="also write the schedule to this CSV file (pipetrain format)")
     parser.add_argument("--torch-csv", help="also write it in torch.distributed.pipelining's CSV format")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Schedule builders and their registry: GPipe, 1F1B and interleaved 1F1B.
+"""Schedule builders and their registry: GPipe, 1F1B, interleaved 1F1B, ZB-H1 and ZB-V.
 
 Every builder is a pure function ``(num_stages, num_microbatches, stages_per_worker) -> Schedule``.
 :data:`SCHEDULE_BUILDERS` also says which placement each schedule uses, so the runtime can ask how many
@@ -15,6 +15,7 @@ from pipetrain.schedule.interleaved import interleaved_1f1b
 from pipetrain.schedule.layout import check_several_per_worker, check_sizes, num_workers_for
 from pipetrain.schedule.placement import one_placement
 from pipetrain.schedule.schedule import Schedule
+from pipetrain.schedule.zero_bubble import check_zb_v_layout, zb_h1, zb_v
 
 __all__ = [
     "SCHEDULE_BUILDERS",
@@ -24,6 +25,8 @@ __all__ = [
     "interleaved_1f1b",
     "one_f_one_b",
     "workers_needed",
+    "zb_h1",
+    "zb_v",
 ]
 
 _F, _B = ActionKind.FORWARD, ActionKind.BACKWARD
@@ -91,6 +94,8 @@ SCHEDULE_BUILDERS: dict[str, ScheduleBuilder] = {
     "interleaved_1f1b": ScheduleBuilder(
         interleaved_1f1b, "loop", "1F1B over several stages per worker (Megatron-LM interleaved)"
     ),
+    "zb_h1": ScheduleBuilder(zb_h1, "one", "1F1B with backward split into I and W, W filling the bubbles"),
+    "zb_v": ScheduleBuilder(zb_v, "v", "zero bubble on two stages per worker in a V (ZB-V)"),
 }
 """Registry of schedules by name, as chosen by the ``schedule`` config group."""
 
@@ -116,6 +121,8 @@ def workers_needed(name: str, num_stages: int, stages_per_worker: int = 1) -> in
     check_sizes(num_stages, 1, stages_per_worker)
     if builder.placement == "one":
         _one_stage_per_worker(name, num_stages, 1, stages_per_worker)
+    elif name == "zb_v":
+        check_zb_v_layout(num_stages, stages_per_worker)
     else:
         check_several_per_worker(name, stages_per_worker)
     return num_workers_for(num_stages, stages_per_worker)

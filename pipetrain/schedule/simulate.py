@@ -15,7 +15,7 @@ from pipetrain.schedule.order import dependencies, execution_order
 from pipetrain.schedule.schedule import Schedule
 from pipetrain.schedule.validate import validate_schedule
 
-__all__ = ["StageCosts", "TimedAction", "Timeline", "simulate"]
+__all__ = ["StageCosts", "TimedAction", "Timeline", "simulate", "splits_backward"]
 
 _F, _B, _I, _W = ActionKind.FORWARD, ActionKind.BACKWARD, ActionKind.INPUT_GRAD, ActionKind.WEIGHT_GRAD
 
@@ -60,8 +60,14 @@ class StageCosts:
                 )
 
     @classmethod
-    def unit(cls, num_stages: int) -> StageCosts:
-        """Costs of 1.0 for every forward and backward pass on ``num_stages`` stages."""
+    def unit(cls, num_stages: int, split_backward: bool = False) -> StageCosts:
+        """Costs of 1.0 for every forward and backward pass on ``num_stages`` stages.
+
+        With ``split_backward``, the zero-bubble convention instead: ``F = I = W = 1`` and ``B = I + W = 2``.
+        """
+        if split_backward:
+            ones = (1.0,) * num_stages
+            return cls(ones, (2.0,) * num_stages, ones, ones)
         return cls((1.0,) * num_stages, (1.0,) * num_stages)
 
     @property
@@ -154,14 +160,20 @@ class Timeline:
         return peaks
 
 
+def splits_backward(schedule: Schedule) -> bool:
+    """Whether ``schedule`` runs any backward as separate ``I`` and ``W`` actions."""
+    return any(a.kind is _I for row in schedule.actions for a in row)
+
+
 def simulate(schedule: Schedule, costs: StageCosts | None = None) -> Timeline:
-    """Simulate ``schedule`` (validated first) under ``costs`` (unit costs when ``None``).
+    """Simulate ``schedule`` (validated first) under ``costs`` (unit costs when ``None``: every ``F`` and
+    ``B`` lasts 1, or, for a schedule that splits backward, every ``F``, ``I`` and ``W`` lasts 1).
 
     Each action starts once the previous action on its worker and all its dependencies have finished,
     and lasts its stage's cost for its kind.
     """
     validate_schedule(schedule)
-    costs = StageCosts.unit(schedule.num_stages) if costs is None else costs
+    costs = StageCosts.unit(schedule.num_stages, splits_backward(schedule)) if costs is None else costs
     if costs.num_stages != schedule.num_stages:
         raise ValueError(
             f"StageCosts describe {costs.num_stages} stages but the schedule has {schedule.num_stages}"

@@ -1,0 +1,168 @@
+"""A stage's backward in two halves: I (input gradient) then W (weight gradients), equal to one B."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+from conftest import make_config
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipetrain.build import build_dataset, build_stages
+from pipetrain.data import BatchOrder
+from pipetrain.losses import get_loss
+from pipetrain.stage import Stage
+
+
+def _stages_and_batch(model: str):
+    cfg = make_config(model, 3)
+    _, stages = build_stages(cfg)
+    inputs, targets = BatchOrder(build_dataset(cfg), 8, 0).batch(0)
+    return stages, inputs, targets
+
+
+def _run(stages, inputs, targets, split: bool):
+    """One micro-batch through every stage: F, then B (or I on every stage, then W on every stage)."""
+    value = inputs
+    for stage in stages:
+        value = stage.forward(0, value, targets if stage.is_last else None)
+    grads, grad = [], None
+    for stage in reversed(stages):
+        grad = stage.backward_input(0, grad) if split else stage.backward(0, grad)
+        grads.append(grad)
+        if split:
+            assert all(p.grad is None for p in stage.module.parameters())  # I leaves them to W
+    if split:
+        for stage in stages:
+            stage.backward_weight(0)
+    return grads, {(s.stage_idx, n): p.grad.clone() for s in stages for n, p in s.module.named_parameters()}
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_input_then_weight_gradient_equals_full_backward(model, caplog):
+    full = _run(*_stages_and_batch(model), split=False)
+    with caplog.at_level(logging.WARNING, logger="pipetrain.stage"):
+        split = _run(*_stages_and_batch(model), split=True)
+    assert not caplog.records
+    for ours, reference in zip(split[0][:-1], full[0][:-1], strict=True):  # stage 0 returns None
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+    assert split[1].keys() == full[1].keys()
+    for name, reference in full[1].items():
+        torch.testing.assert_close(split[1][name], reference, rtol=1e-6, atol=1e-7, msg=str(name))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.LayerNorm(64))
+
+
+def _mlp_stage(stage_idx: int, make_module=_mlp) -> Stage:
+    torch.manual_seed(0)
+    optimizer = functools.partial(torch.optim.SGD, lr=0.1)
+    return Stage(stage_idx, 3, make_module(), torch.device("cpu"), optimizer, get_loss("cross_entropy"), 1.0)
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_the_halves_do_the_work_of_one_backward_once():
+    """Counted in floating-point operations: I + W == B, and I does the input side only."""
+    x, grad = torch.randn(32, 64), torch.randn(32, 64)
+    full, split = _mlp_stage(1), _mlp_stage(1)
+    full.forward(0, x)
+    backward = _flops(lambda: full.backward(0, grad))
+    split.forward(0, x)
+    input_half = _flops(lambda: split.backward_input(0, grad))
+    weight_half = _flops(lambda: split.backward_weight(0))
+    assert input_half + weight_half == backward
+    assert 0 < input_half < backward and 0 < weight_half < backward
+    for p_full, p_split in zip(full.module.parameters(), split.module.parameters(), strict=True):
+        torch.testing.assert_close(p_split.grad, p_full.grad)
+
+
+def test_memory_held_from_input_to_weight_gradient_is_counted():
+    x = torch.randn(32, 64)
+    grad = torch.randn(32, 64)
+    full, split = _mlp_stage(1), _mlp_stage(1)
+    for mb in range(2):
+        full.forward(mb, x)
+        split.forward(mb, x)
+    for mb in range(2):
+        full.backward(mb, grad)
+        split.backward_input(mb, grad)
+    held = split._held_bytes
+    for mb in range(2):
+        split.backward_weight(mb)
+    assert split._held_bytes == 0 == full._held_bytes
+    full_peak, split_peak = full.step().peak_activation_bytes, split.step().peak_activation_bytes
+    # Two micro-batches' activations, plus the gradients I recorded for W (at least one per linear layer).
+    assert split_peak == held > full_peak > 0
+    assert held - full_peak >= 2 * (32 * 128 + 32 * 64) * 4
+
+
+class _TwiceApplied(nn.Module):
+    """One linear layer used twice: its weight is reached through two junctions of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+def test_a_backward_that_cannot_be_split_falls_back_to_b_and_says_so(caplog):
+    x, grad = torch.randn(4, 16), torch.randn(4, 16)
+    full, split = _mlp_stage(2, _TwiceApplied), _mlp_stage(2, _TwiceApplied)
+    full.num_stages = split.num_stages = 4  # not the last stage: it receives a gradient
+    full.forward(0, x)
+    reference = full.backward(0, grad)
+    split.forward(0, x)
+    with caplog.at_level(logging.WARNING, logger="pipetrain.stage"):
+        ours = split.backward_input(0, grad)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        "stage 2: the backward cannot be split" in m and "'layer.weight' is used at two" in m
+        for m in messages
+    )
+    assert all(p.grad is not None for p in split.module.parameters())  # the full backward ran in I
+    split.backward_weight(0)
+    torch.testing.assert_close(ours, reference)
+    for p_full, p_split in zip(full.module.parameters(), split.module.parameters(), strict=True):
+        torch.testing.assert_close(p_split.grad, p_full.grad)
+
+
+def test_weight_gradient_needs_its_input_gradient_first():
+    stage = _mlp_stage(1)
+    stage.forward(0, torch.randn(2, 64))
+    with pytest.raises(
+        RuntimeError, match="stage 1: weight gradient of micro-batch 0 before its input gradient"
+    ):
+        stage.backward_weight(0)
+    stage.backward_input(0, torch.randn(2, 64))
+    with pytest.raises(
+        RuntimeError, match=r"optimizer step with micro-batches \[0\] still waiting for backward"
+    ):
+        stage.step()
+    stage.backward_weight(0)
+    stage.step()
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_the_halves_of_a_model_stage_cost_one_backward(model):
+    """On the middle stage of the MLP and of the GPT model (attention, layer norm): I + W == B in FLOPs."""
+    stages, inputs, _ = _stages_and_batch(model)
+    hidden = stages[0].forward(0, inputs)
+    middle = stages[1]
+    grad = torch.ones_like(middle.forward(0, hidden))
+    backward = _flops(lambda: middle.backward(0, grad))
+    middle.forward(1, hidden)
+    input_half = _flops(lambda: middle.backward_input(1, grad))
+    weight_half = _flops(lambda: middle.backward_weight(1))
+    assert input_half + weight_half == backward
+    assert 0 < input_half < backward
