@@ -387,3 +387,25 @@ def test_compile_is_refused_under_a_split_backward_schedule():
     cfg = to_train_config(compose_config(["schedule=zb_h1", "train.compile=true"]))
     with pytest.raises(ValueError, match="train.compile: schedule=zb_h1 splits each backward"):
         preflight(cfg, check_data=False)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_rpc_compiled_stages_train_like_the_unsplit_model(tmp_path):
+    overrides = [
+        "model.hidden=32",
+        "train.batch_size=16",
+        "train.steps=3",
+        "train.log_every=1",
+        "train.compile=true",
+    ]
+    result = run_command(
+        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 560, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.output[-4000:]
+    reference_losses, reference_state = train_unsplit(to_train_config(compose_config(overrides)))
+    losses = [entry["train/loss"] for entry in logged(tmp_path)]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-4, atol=1e-4)
+    weights = merged_model_state(tmp_path / "checkpoints" / "step_3")
+    for name, value in reference_state.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-4, msg=name)
