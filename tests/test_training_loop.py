@@ -409,3 +409,14 @@ def test_rpc_compiled_stages_train_like_the_unsplit_model(tmp_path):
     weights = merged_model_state(tmp_path / "checkpoints" / "step_3")
     for name, value in reference_state.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    "schedule,balance,stages_per_worker", [("zb_h1", [3, 3], 1), ("zb_v", [2, 1, 2, 1], 2)]
+)
+def test_activation_checkpointing_under_split_backward_is_exact(schedule, balance, stages_per_worker):
+    cfg = make_config("mlp", 2, schedule, num_microbatches=4, steps=3)
+    cfg.pipeline.balance = balance
+    cfg.pipeline.stages_per_worker = stages_per_worker
+    cfg.pipeline.activation_checkpointing = "always"
+    assert_same_training(*train_pipelined(cfg), *train_unsplit(cfg))
