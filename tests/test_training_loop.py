@@ -42,6 +42,13 @@ def loop_config(schedule: str = "1f1b", clip: float | None = 0.2, steps: int = 6
     return cfg
 
 
+def train_over_rpc(run_dir, overrides: list[str], timeout_s: float) -> None:
+    """Train ``overrides`` with ``python -m pipetrain.train`` (torchrun, real workers) into ``run_dir``."""
+    command = [sys.executable, "-m", "pipetrain.train", f"run_dir={run_dir}", *overrides]
+    result = run_command(command, timeout_s, cwd=run_dir)
+    assert result.returncode == 0, result.output[-4000:]
+
+
 def logged(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -177,10 +184,7 @@ def test_rpc_run_with_schedule_clipping_and_evaluation_equals_unsplit(tmp_path):
         "eval.batches=4",
         "pipeline.activation_checkpointing=except_last",
     ]
-    result = run_command(
-        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 180, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.output[-4000:]
+    train_over_rpc(tmp_path, overrides, timeout_s=180)
     reference: dict[str, list[float]] = {}
     reference_losses, reference_state = train_unsplit(to_train_config(compose_config(overrides)), reference)
     assert max(reference["grad_norm"]) > 0.2
@@ -279,12 +283,7 @@ def test_bad_evaluation_settings_name_their_key(change, message):
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_the_digits_experiment_reaches_95_percent_eval_accuracy(tmp_path):
-    result = run_command(
-        [sys.executable, "-m", "pipetrain.train", "experiment=digits", f"run_dir={tmp_path}"],
-        220,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.output[-4000:]
+    train_over_rpc(tmp_path, ["experiment=digits"], timeout_s=220)
     evaluated = [e for e in logged(tmp_path) if "eval/accuracy" in e]
     assert [e["step"] for e in evaluated] == [100, 200, 300]
     assert evaluated[-1]["eval/accuracy"] >= 0.95, evaluated
@@ -371,10 +370,7 @@ def test_rpc_bf16_sends_activations_and_gradients_in_two_bytes(tmp_path):
         "train.log_every=1",
         "precision=bf16",
     ]
-    result = run_command(
-        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 180, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.output[-4000:]
+    train_over_rpc(tmp_path, overrides, timeout_s=180)
     entries = logged(tmp_path)
     # Per step, worker 0 sends 16 samples x 64 activations and worker 1 their gradients, 2 bytes each.
     for entry in entries:
@@ -399,10 +395,7 @@ def test_rpc_compiled_stages_train_like_the_unsplit_model(tmp_path):
         "train.log_every=1",
         "train.compile=true",
     ]
-    result = run_command(
-        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 560, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.output[-4000:]
+    train_over_rpc(tmp_path, overrides, timeout_s=560)
     reference_losses, reference_state = train_unsplit(to_train_config(compose_config(overrides)))
     losses = [entry["train/loss"] for entry in logged(tmp_path)]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-4, atol=1e-4)
