@@ -216,7 +216,8 @@ def build_worker_stages(cfg: TrainConfig, plan: StagePlan, worker_idx: int) -> d
     """
     topology = Topology.of(build_schedule_for(cfg, plan.num_stages))
     local_rank = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
-    device = topology.device(cfg.device, worker_idx, local_rank)
+    rank = int(os.environ["RANK"]) if "RANK" in os.environ else None
+    device = topology.device(cfg.device, worker_idx, local_rank, rank)
     modules = partition(build_model(cfg), plan)
     stages = {
         idx: build_stage(cfg, modules[idx], idx, plan.num_stages, device)

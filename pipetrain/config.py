@@ -48,6 +48,10 @@ class PipelineConfig:
     stages_per_worker: int = 1
     """Stages each worker process hosts (``v``); more than 1 for schedules that interleave stages on a
     worker (``interleaved_1f1b``: stage ``s`` on worker ``s mod (stages / v)``)."""
+    replicas: int = 1
+    """Data-parallel copies of the whole pipeline: each takes ``1/replicas`` of every batch, and the copies
+    of a stage average their gradients before stepping. torchrun's world size is
+    ``replicas x workers + 1`` (one driver for all)."""
     activation_checkpointing: str = "never"
     """Recompute a stage's forward in backward instead of keeping its activations, per micro-batch:
     ``never``, ``except_last`` (every micro-batch but the last, whose backward comes right away) or

@@ -64,6 +64,8 @@ class StepResult:
     """The driver's wall clock when it began the step's execution (``ts`` 0 of the step's profile)."""
     clipped: GlobalNorm | None = None
     """The global gradient norm and the scale applied to it (with ``train.clip_grad_norm``)."""
+    replica_reports: tuple[tuple[StageReport, ...], ...] = ()
+    """With replicas, every replica's reports (``reports`` are replica 0's)."""
 
 
 def split_microbatches(
@@ -95,11 +97,14 @@ def run_step(
 ) -> StepResult:
     """One optimizer step: every action of ``schedule``, and each stage's optimizer step after its own.
 
-    With ``profile``, every worker runs it under ``torch.profiler`` (:mod:`pipetrain.profiling`); with
-    ``clip_grad_norm``, the gradients are clipped to that global norm first (:mod:`pipetrain.grad_clip`).
+    With handles of several replicas, each takes an equal share of the batch (replica ``r`` the ``r``-th)
+    in ``num_microbatches`` micro-batches; the loss is the mean over the whole batch.
+    With ``profile``, the workers of replica 0 run it under ``torch.profiler`` (:mod:`pipetrain.profiling`);
+    with ``clip_grad_norm``, the gradients are clipped to that global norm first (:mod:`pipetrain.grad_clip`).
     """
     start = time.time()
-    micro_inputs, micro_targets = split_microbatches(inputs, targets, num_microbatches)
+    num_replicas = len({handle.replica_idx for handle in handles})
+    micro_inputs, micro_targets = split_microbatches(inputs, targets, num_replicas * num_microbatches)
     executed = execute(
         schedule,
         handles,
@@ -109,10 +114,16 @@ def run_step(
         profile=profile,
         clip_grad_norm=clip_grad_norm,
     )
-    loss = sum(executed.reports[-1].losses)
+    loss = sum(sum(reports[-1].losses) for reports in executed.replica_reports) / num_replicas
     window_s = executed.actions_done_at - start
     return StepResult(
-        loss, executed.reports, window_s, time.time() - start, started_at=start, clipped=executed.clipped
+        loss,
+        executed.reports,
+        window_s,
+        time.time() - start,
+        started_at=start,
+        clipped=executed.clipped,
+        replica_reports=executed.replica_reports,
     )
 
 
@@ -131,6 +142,9 @@ class Driver:
     ) -> None:
         self.cfg = cfg
         self.handles = list(handles)
+        self.first_replica = [handle for handle in self.handles if handle.replica_idx == 0]
+        """Replica 0's workers: they evaluate, save checkpoints and profile for all replicas (which hold
+        the same weights)."""
         self.plan = plan
         self.schedule = build_schedule_for(cfg, plan.num_stages)
         self.batches = batches
@@ -234,7 +248,12 @@ class Driver:
                     inputs, targets, self.cfg.pipeline.num_microbatches
                 )
                 executed = execute(
-                    schedule, self.handles, micro_inputs, micro_targets, self.cfg.rpc.timeout_s, evaluate=True
+                    schedule,
+                    self.first_replica,
+                    micro_inputs,
+                    micro_targets,
+                    self.cfg.rpc.timeout_s,
+                    evaluate=True,
                 )
                 last = executed.reports[-1]
                 losses.append(sum(last.losses))
@@ -264,6 +283,7 @@ class Driver:
                 data_time_s=result.data_time_s,
                 grad_norm=None if result.clipped is None else result.clipped.total_norm,
                 evaluation=evaluation,
+                replica_reports=result.replica_reports,
             )
             self.print_fn(format_progress(metrics, cfg.train.steps))
             if self.logger is not None:
@@ -281,7 +301,7 @@ class Driver:
     def _write_profile(self, step: int, result: StepResult) -> None:
         """Collect the workers' profiles of ``step``, merge them with its spans; print and write them."""
         with _naming_step(step):
-            replies = [(h.label, "profile collection", request_profile(h)) for h in self.handles]
+            replies = [(h.label, "profile collection", request_profile(h)) for h in self.first_replica]
             profiles = wait_all(replies, self.cfg.rpc.timeout_s, self._stage_labels())
         document = merge_trace(result.reports, self.schedule.placement, profiles, result.started_at, step)
         summary = summarize(document)
@@ -292,11 +312,12 @@ class Driver:
 
     def _stage_labels(self) -> dict[int, str]:
         """Stage index -> the label of the worker hosting it (how failures name a stage's worker)."""
-        worker_labels = {h.worker_idx: h.label for h in self.handles}
+        worker_labels = {h.worker_idx: h.label for h in self.first_replica}
         return {idx: worker_labels[self.schedule.worker_of(idx)] for idx in range(self.plan.num_stages)}
 
     def save_checkpoint(self, step: int) -> Path:
-        """Every stage writes its file in parallel; the checkpoint is committed once all are written.
+        """Every stage writes its file in parallel (replica 0's copy: the replicas' are the same); the
+        checkpoint is committed once all are written.
 
         A save fails only when its files grow by no byte for ``rpc.timeout_s``, however long it takes.
         Then checkpoints beyond the newest ``checkpoint.keep_last`` are deleted.
@@ -308,7 +329,7 @@ class Driver:
         directory.mkdir(parents=True)
         saves = [
             (h.label, "checkpoint save", h.call_each_stage(save_stage, str(directory), step))
-            for h in self.handles
+            for h in self.first_replica
         ]
         wait_all(
             saves, self.cfg.rpc.timeout_s, self._stage_labels(), progress=lambda: written_bytes(directory)
@@ -319,6 +340,7 @@ class Driver:
             "stages": [list(names) for names in self.plan.stages],
             "schedule": self.cfg.schedule.name,
             "num_microbatches": self.cfg.pipeline.num_microbatches,
+            "replicas": self.cfg.pipeline.replicas,
             "seed": self.cfg.seed,
             **optimizer_manifest(self.cfg.optim),
             "lr_scheduler": dict(self.cfg.lr_scheduler),

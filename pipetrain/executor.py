@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,11 +35,13 @@ class ExecutedStep:
     """What :func:`execute` observed."""
 
     reports: tuple[StageReport, ...]
-    """Each stage's report, in stage order."""
+    """Each stage's report, in stage order (of replica 0, with replicas)."""
     actions_done_at: float
     """``time.time()`` when the schedule's last action was done (before the last optimizer step)."""
     clipped: GlobalNorm | None = None
     """The global gradient norm and the scale applied, with ``clip_grad_norm``."""
+    replica_reports: tuple[tuple[StageReport, ...], ...] = ()
+    """Every replica's reports (``replica_reports[r]``, in stage order); ``(reports,)`` with one replica."""
 
 
 def execute(
@@ -55,9 +57,13 @@ def execute(
     """Run every action of ``schedule``, then every stage's optimizer step; wait until all are done.
 
     ``inputs[mb]`` goes to stage 0's forward of micro-batch ``mb``, ``targets[mb]`` to the last stage's.
-    With ``profile``, every worker runs the step under ``torch.profiler`` (:mod:`pipetrain.profiling`).
-    With ``clip_grad_norm``, the gradients of all stages are scaled to that global 2-norm at most before
-    the optimizer steps (:mod:`pipetrain.grad_clip`), or dropped with no step where it is not finite.
+    With handles of several replicas (``handle.replica_idx``), replica ``r`` runs the whole schedule on
+    ``inputs[r * m + mb]`` (``m`` micro-batches each), and the copies of each stage average their
+    gradients before stepping (:mod:`pipetrain.gradient_sync`).
+    With ``profile``, every worker (of replica 0) runs the step under ``torch.profiler``
+    (:mod:`pipetrain.profiling`). With ``clip_grad_norm``, the gradients of all stages are scaled to that
+    global 2-norm at most before the optimizer steps (:mod:`pipetrain.grad_clip`), or dropped with no
+    step where it is not finite.
     With ``evaluate``, ``schedule`` is a forward-only one (:meth:`Schedule.forward_only`) and the workers
     run an evaluation pass: no autograd, no optimizer step; the reports carry its losses and predictions.
     Raises :class:`StageFailure` for the first action or step to fail, or when nothing completes for
@@ -69,33 +75,43 @@ def execute(
             f"schedule cannot make progress; stuck at actions {sorted(map(str, stuck.values()))}"
         )
     last_stage = schedule.num_stages - 1
-    done: dict[Action, torch.futures.Future] = {}
+    m = schedule.num_microbatches
+    done: dict[tuple[int, Action], torch.futures.Future] = {}
     for handle in handles:
+        offset = handle.replica_idx * m
         work = [
             (
                 action,
-                inputs[action.mb_idx] if _is_forward_of(action, 0) else None,
-                targets[action.mb_idx] if _is_forward_of(action, last_stage) else None,
+                inputs[offset + action.mb_idx] if _is_forward_of(action, 0) else None,
+                targets[offset + action.mb_idx] if _is_forward_of(action, last_stage) else None,
             )
             for action in schedule[handle.worker_idx]
         ]
-        futures = handle.submit(work, profile, evaluate)
-        done.update(zip(schedule[handle.worker_idx], futures, strict=True))
-    issued = [(action, done[action]) for action in order]
+        futures = handle.submit(work, profile and handle.replica_idx == 0, evaluate)
+        done.update(
+            ((handle.replica_idx, action), future)
+            for action, future in zip((a for a, _, _ in work), futures, strict=True)
+        )
+    replicas = sorted({handle.replica_idx for handle in handles})
+    # Interleaved across replicas, so "the earliest unfinished action" means the same in each.
+    issued = [((replica, action), done[(replica, action)]) for action in order for replica in replicas]
     actions_done_at = torch.futures.collect_all([future for _, future in issued]).then(lambda _: time.time())
-    worker_labels = {handle.worker_idx: handle.label for handle in handles}
-    labels = {stage: worker_labels[schedule.worker_of(stage)] for stage in range(schedule.num_stages)}
+    worker_labels = {(handle.replica_idx, handle.worker_idx): handle.label for handle in handles}
     # With clipping, the stages step only once every worker's gradient norms are in; otherwise each
     # worker is asked for its step right away and steps each stage as soon as that stage is done.
     if evaluate:
-        after_actions = [(handle.worker_idx, "evaluation", handle.evaluation_reports()) for handle in handles]
+        after_actions = [(handle, "evaluation", handle.evaluation_reports()) for handle in handles]
     elif clip_grad_norm is None:
-        after_actions = [(handle.worker_idx, "optimizer step", handle.optimizer_step()) for handle in handles]
+        after_actions = [(handle, "optimizer step", handle.optimizer_step()) for handle in handles]
     else:
-        after_actions = [(handle.worker_idx, "gradient norms", handle.gradient_norms()) for handle in handles]
+        after_actions = [(handle, "gradient norms", handle.gradient_norms()) for handle in handles]
     # Entry i of the wait: action i of the execution order, then each worker's request after its actions.
-    entry_workers = [schedule.worker_of(action.stage_idx) for action, _ in issued]
-    entry_workers += [worker for worker, _, _ in after_actions]
+    entry_workers = [(replica, schedule.worker_of(action.stage_idx)) for (replica, action), _ in issued]
+    entry_workers += [(handle.replica_idx, handle.worker_idx) for handle, _, _ in after_actions]
+
+    def _label(entry: int, stage_idx: int) -> str:
+        """The worker hosting ``stage_idx`` in the replica of wait entry ``entry``."""
+        return worker_labels[(entry_workers[entry][0], schedule.worker_of(stage_idx))]
 
     def _blame(ok: list[bool], failed_index: int | None) -> int:
         """The entry to name: what the failed worker was running, or what is stuck."""
@@ -103,36 +119,53 @@ def execute(
             worker = entry_workers[failed_index]
             return next(i for i, entry in enumerate(entry_workers) if entry == worker and not ok[i])
         # Stuck: a worker's first unfinished action whose inputs are there (the earliest such), else a step.
-        finished = {action for (action, _), is_ok in zip(issued, ok[: len(issued)], strict=True) if is_ok}
-        seen_workers: set[int] = set()
-        for index, (action, _) in enumerate(issued):
+        finished = {key for (key, _), is_ok in zip(issued, ok[: len(issued)], strict=True) if is_ok}
+        seen_workers: set[tuple[int, int]] = set()
+        for index, ((replica, action), _) in enumerate(issued):
             worker = entry_workers[index]
             if ok[index] or worker in seen_workers:
                 continue
             seen_workers.add(worker)
-            if finished.issuperset(dependencies(action, schedule)):
+            if finished.issuperset((replica, dep) for dep in dependencies(action, schedule)):
                 return index
         return ok.index(False)
 
     pending = [
-        (worker_labels[schedule.worker_of(a.stage_idx)], f"action {a} (stage {a.stage_idx})", f)
-        for a, f in issued
+        (worker_labels[entry_workers[i]], f"action {action} (stage {action.stage_idx})", future)
+        for i, ((_, action), future) in enumerate(issued)
     ]
-    pending += [(worker_labels[worker], what, reply) for worker, what, reply in after_actions]
-    values = wait_all(pending, timeout_s, labels, _blame)[len(issued) :]
+    pending += [(handle.label, what, reply) for handle, what, reply in after_actions]
+    values = wait_all(pending, timeout_s, _label, _blame)[len(issued) :]
     clipped = None
     if clip_grad_norm is not None and not evaluate:
-        by_stage = {stage_idx: norms for worker_norms in values for stage_idx, norms in worker_norms.items()}
+        # Replicas hold the same (averaged) gradients: replica 0's norms are everyone's.
+        by_stage = {
+            stage_idx: norms
+            for (handle, _, _), worker_norms in zip(after_actions, values, strict=True)
+            if handle.replica_idx == replicas[0]
+            for stage_idx, norms in worker_norms.items()
+        }
         # In stage order, so the norms are in the unsplit model's parameter order.
         clipped = clip_by_global_norm([n for idx in sorted(by_stage) for n in by_stage[idx]], clip_grad_norm)
         request = OptimizerStepRequest(grad_scale=clipped.grad_scale, skip=not clipped.finite)
         steps = [(handle.label, "optimizer step", handle.optimizer_step(request)) for handle in handles]
-        values = wait_all(steps, timeout_s, labels)
-    reports = [report for worker_reports in values for report in worker_reports]
+        step_entries = [(handle.replica_idx, handle.worker_idx) for handle in handles]
+        values = wait_all(
+            steps,
+            timeout_s,
+            lambda entry, stage_idx: worker_labels[(step_entries[entry][0], schedule.worker_of(stage_idx))],
+        )
+    by_replica: dict[int, list[StageReport]] = {replica: [] for replica in replicas}
+    for handle, worker_reports in zip(handles, values, strict=True):
+        by_replica[handle.replica_idx].extend(worker_reports)
+    replica_reports = tuple(
+        tuple(sorted(by_replica[replica], key=lambda report: report.stage_idx)) for replica in replicas
+    )
     return ExecutedStep(
-        reports=tuple(sorted(reports, key=lambda report: report.stage_idx)),
+        reports=replica_reports[0],
         actions_done_at=actions_done_at.wait(),
         clipped=clipped,
+        replica_reports=replica_reports,
     )
 
 
@@ -140,10 +173,15 @@ def _is_forward_of(action: Action, stage_idx: int) -> bool:
     return action.kind is ActionKind.FORWARD and action.stage_idx == stage_idx
 
 
+StageLabels = Mapping[int, str] | Callable[[int, int], str]
+"""How to name the worker of a stage that a :class:`StageError` comes from: stage index -> label, or
+``labels(entry, stage_idx)`` where it depends on the wait entry that failed (which replica it is in)."""
+
+
 def wait_all(
     pending: Sequence[tuple[str, str, torch.futures.Future]],
     timeout_s: float | None = None,
-    labels: dict[int, str] | None = None,
+    labels: StageLabels | None = None,
     blame: Callable[[list[bool], int | None], int] | None = None,
     progress: Callable[[], Any] | None = None,
 ) -> list[Any]:
@@ -154,14 +192,20 @@ def wait_all(
     waiting whose value changes as the work advances (e.g. the bytes a checkpoint save has written): a
     change counts as progress too, so long work is bounded by its own progress, not by its duration.
     A :class:`StageError` names its origin (work that depends on a failed action fails with the original
-    error); ``labels`` (stage index -> label) turn it into the report. For other errors (a process gone)
+    error); ``labels`` turn it into the report. A *secondary* one (a collective whose peer is gone) is
+    named only if no other error arrives within a few seconds. For other errors (a process gone)
     and when stuck, ``blame(ok, failed)`` picks the entry to name from the flags of entries done without
     error and the failed entry's index (``None`` when stuck); by default the failed entry, or the first
     unfinished one.
     """
     changed = threading.Event()
     lock = threading.Lock()
-    state: dict[str, Any] = {"left": len(pending), "first_error": None, "progress_at": time.monotonic()}
+    state: dict[str, Any] = {
+        "left": len(pending),
+        "first_error": None,
+        "secondary": None,
+        "progress_at": time.monotonic(),
+    }
     last_probe = progress() if progress is not None else None
     ok = [False] * len(pending)
 
@@ -171,6 +215,10 @@ def wait_all(
             state["left"] -= 1
             state["progress_at"] = time.monotonic()
             ok[index] = error is None
+            if isinstance(error, StageError) and error.secondary:
+                if state["secondary"] is None:
+                    state["secondary"] = (index, error, time.monotonic())
+                error = None  # wait a moment for the failure it is a consequence of
             if error is not None and state["first_error"] is None:
                 state["first_error"] = (index, error)
             # Wake the waiter only when it has something to do: the watchdog reads progress_at when its
@@ -185,6 +233,9 @@ def wait_all(
         while True:
             with lock:
                 if state["first_error"] is not None or state["left"] == 0:
+                    break
+                secondary = state["secondary"]
+                if secondary is not None and time.monotonic() - secondary[2] >= _NAME_THE_CAUSE_S:
                     break
                 idle_for = time.monotonic() - state["progress_at"]
             if stop_requested():
@@ -208,12 +259,16 @@ def wait_all(
         while state["first_error"] is None and time.monotonic() < deadline:
             changed.wait(0.05)
             changed.clear()
-        if state["first_error"] is None:
+        if state["first_error"] is None and state["secondary"] is None:
             raise
+    if state["first_error"] is None and state["secondary"] is not None:
+        state["first_error"] = state["secondary"][:2]
     if state["first_error"] is not None:
         index, error = state["first_error"]
         label, what, _ = pending[index]
-        if isinstance(error, StageError) and labels and error.stage_idx in labels:
+        if isinstance(error, StageError) and callable(labels):
+            label, what = labels(index, error.stage_idx), error.action
+        elif isinstance(error, StageError) and labels and error.stage_idx in labels:
             label, what = labels[error.stage_idx], error.action
         elif blame is not None:
             with lock:

@@ -20,15 +20,20 @@ _CONNECTION_LOST = ("eof", "pipe closed", "connection reset", "connection refuse
 class StageError(RuntimeError):
     """An error raised while a stage ran ``action``; picklable, so it crosses process boundaries intact."""
 
-    def __init__(self, stage_idx: int, action: str, message: str, stage_traceback: str = "") -> None:
+    def __init__(
+        self, stage_idx: int, action: str, message: str, stage_traceback: str = "", secondary: bool = False
+    ) -> None:
         super().__init__(f"stage {stage_idx} {action}: {message}")
         self.stage_idx = stage_idx
         self.action = action
         self.message = message
         self.stage_traceback = stage_traceback
+        self.secondary = secondary
+        """Likely the consequence of a failure elsewhere (a collective whose peer is gone): the driver
+        names the original failure instead when it learns of it a moment later."""
 
     def __reduce__(self):
-        return (StageError, (self.stage_idx, self.action, self.message, self.stage_traceback))
+        return (StageError, (self.stage_idx, self.action, self.message, self.stage_traceback, self.secondary))
 
     @classmethod
     def wrap(cls, error: BaseException, stage_idx: int, action: str) -> StageError:

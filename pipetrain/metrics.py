@@ -101,6 +101,10 @@ class WorkerFigures:
     """The part of ``busy_s`` spent in input-gradient actions (``I``, split backward)."""
     busy_w_s: float = 0.0
     """The part of ``busy_s`` spent in weight-gradient actions (``W``, split backward)."""
+    allreduce_s: float = 0.0
+    """With replicas: time its stages' gradient averages took, from start to end (overlapped or not)."""
+    allreduce_exposed_s: float = 0.0
+    """With replicas: the part of ``allreduce_s`` its optimizer steps waited for."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,8 @@ class StepMetrics:
     """The global gradient norm before clipping (only with ``train.clip_grad_norm``)."""
     evaluation: Evaluation | None = None
     """The evaluation pass run after this step, if one was."""
+    replicas: tuple[tuple[WorkerFigures, ...], ...] = ()
+    """With ``pipeline.replicas`` > 1: every replica's worker figures (``workers`` are replica 0's)."""
 
     def scalars(self) -> dict[str, float]:
         """The tag -> value mapping written to TensorBoard and ``metrics.jsonl``."""
@@ -170,6 +176,13 @@ class StepMetrics:
             scalars[f"worker{k}/sent_mib"] = figures.sent_bytes / 2**20
             for kind in _KINDS:
                 scalars[f"worker{k}/busy_{kind}_s"] = float(getattr(figures, f"busy_{kind}_s"))
+            if self.replicas:
+                scalars[f"worker{k}/allreduce_s"] = float(figures.allreduce_s)
+                scalars[f"worker{k}/allreduce_exposed_s"] = float(figures.allreduce_exposed_s)
+        for r, replica in enumerate(self.replicas):
+            for k, figures in enumerate(replica):
+                scalars[f"replica{r}/worker{k}/busy_s"] = float(figures.busy_s)
+                scalars[f"replica{r}/worker{k}/idle_s"] = float(figures.idle_s)
         return scalars
 
 
@@ -212,6 +225,8 @@ def worker_figures(
                 transfer_s=sum(report.total(SpanCategory.TRANSFER) for report in own),
                 peak_activation_bytes=sum(report.peak_activation_bytes for report in own),
                 sent_bytes=sum(report.sent_bytes for report in own),
+                allreduce_s=sum(report.allreduce_s for report in own),
+                allreduce_exposed_s=sum(report.allreduce_exposed_s for report in own),
                 **_busy_by_kind(own),
             )
         )
@@ -271,21 +286,29 @@ def step_metrics(
     data_time_s: float = 0.0,
     grad_norm: float | None = None,
     evaluation: Evaluation | None = None,
+    replica_reports: Sequence[Sequence[StageReport]] = (),
 ) -> StepMetrics:
     """Assemble the :class:`StepMetrics` of one step from the stages' reports.
 
     ``step_time_s`` is the whole step (including the optimizer) and gives the throughput;
     ``window_s`` is the schedule's execution window (see :func:`worker_figures`); ``data_time_s`` is the
     part of the step spent waiting for the batch; ``grad_norm`` the global gradient norm, when clipped.
+    With more than one ``replica_reports`` (``reports`` being replica 0's), the measured bubble is over
+    the workers of every replica, and each replica's figures are kept too.
     """
     figures = worker_figures(reports, window_s, schedule.placement)
+    replicas = (
+        tuple(worker_figures(own, window_s, schedule.placement) for own in replica_reports)
+        if len(replica_reports) > 1
+        else ()
+    )
     rates = [report.learning_rate for report in _by_stage(reports) if report.learning_rate is not None]
     return StepMetrics(
         step=step,
         loss=float(loss),
         samples_per_sec=batch_size / step_time_s if step_time_s > 0 else 0.0,
         step_time_s=float(step_time_s),
-        bubble_fraction=measured_bubble_fraction(figures),
+        bubble_fraction=measured_bubble_fraction([f for replica in replicas or (figures,) for f in replica]),
         bubble_fraction_predicted=simulate(schedule).bubble_fraction,
         bubble_fraction_predicted_measured_costs=simulate(schedule, measured_costs(reports)).bubble_fraction,
         workers=figures,
@@ -293,6 +316,7 @@ def step_metrics(
         learning_rate=rates[0] if rates else None,
         grad_norm=grad_norm,
         evaluation=evaluation,
+        replicas=replicas,
     )
 
 

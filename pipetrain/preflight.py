@@ -53,10 +53,18 @@ def check_settings(cfg: TrainConfig) -> None:
     _at_least(cfg.loader.prefetch_factor, 1, "loader.prefetch_factor")
     if not cfg.rpc.timeout_s > 0:
         raise ValueError(f"rpc.timeout_s: {cfg.rpc.timeout_s} must be > 0 seconds")
+    _at_least(cfg.pipeline.replicas, 1, "pipeline.replicas")
     if cfg.train.batch_size % cfg.pipeline.num_microbatches:
         raise ValueError(
             f"train.batch_size: {cfg.train.batch_size} is not divisible by pipeline.num_microbatches="
             f"{cfg.pipeline.num_microbatches}; choose a batch size that is a multiple of it"
+        )
+    per_step = cfg.pipeline.replicas * cfg.pipeline.num_microbatches
+    if cfg.train.batch_size % per_step:
+        raise ValueError(
+            f"train.batch_size: {cfg.train.batch_size} does not split into pipeline.replicas="
+            f"{cfg.pipeline.replicas} x pipeline.num_microbatches={cfg.pipeline.num_microbatches} equal "
+            f"micro-batches; choose a batch size that is a multiple of {per_step}"
         )
     if cfg.device not in _DEVICES:
         raise ValueError(f"device: {cfg.device!r} is not one of {list(_DEVICES)}")
@@ -174,7 +182,7 @@ def _check_lr_scheduler(cfg: TrainConfig) -> None:
 
 def _check_batchnorm_microbatch(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """Refuse micro-batches of one sample for a model with BatchNorm (its statistics need more)."""
-    if cfg.train.batch_size // cfg.pipeline.num_microbatches != 1:
+    if cfg.train.batch_size // (cfg.pipeline.num_microbatches * cfg.pipeline.replicas) != 1:
         return
     names = [name for name, sub in model.named_modules() if isinstance(sub, _BatchNorm)]
     if names:
@@ -232,7 +240,7 @@ def _check_resume(cfg: TrainConfig, plan: StagePlan, model: torch.nn.Module) -> 
 
 def _check_shapes(cfg: TrainConfig, model: torch.nn.Module, dataset) -> None:
     sample, target = dataset[0]
-    micro_batch = cfg.train.batch_size // cfg.pipeline.num_microbatches
+    micro_batch = cfg.train.batch_size // (cfg.pipeline.num_microbatches * cfg.pipeline.replicas)
     inputs = torch.as_tensor(sample).unsqueeze(0).expand(micro_batch, *torch.as_tensor(sample).shape)
     targets = torch.as_tensor(target).unsqueeze(0).expand(micro_batch, *torch.as_tensor(target).shape)
     try:

@@ -22,19 +22,23 @@ from pipetrain.partition import StagePlan
 from pipetrain.profiling import warm_up as warm_up_profiler
 from pipetrain.run_dir import DRIVER_PID_FILE
 from pipetrain.topology import Topology
+from pipetrain.transport.collectives import join_default_group, leave_default_group
 from pipetrain.transport.rpc import DRIVER_NAME, init_rpc, shutdown_rpc, start_workers, worker_name
 
 __all__ = ["check_world_size", "drive", "serve_worker"]
 
 
 def check_world_size(topology: Topology, world_size: int) -> None:
-    """One driver plus one process per worker, or a ``ValueError`` saying how to launch."""
+    """One driver plus one process per worker of every replica, or a ``ValueError`` saying how to launch."""
     if world_size != topology.world_size:
+        workers = f"{topology.num_workers} workers"
+        if topology.num_replicas > 1:
+            workers = f"{topology.num_replicas} replicas x {topology.num_workers} workers"
         raise ValueError(
-            f"pipeline: {topology.num_stages} stages on {topology.num_workers} workers need "
-            f"{topology.world_size} processes (one driver + one per worker) but the world size is "
-            f"{world_size}; launch with torchrun --nproc-per-node={topology.world_size} (or change "
-            "pipeline.balance / pipeline.stages / pipeline.stages_per_worker)"
+            f"pipeline: {topology.num_stages} stages on {workers} need {topology.world_size} processes "
+            f"(one driver + one per worker) but the world size is {world_size}; launch with torchrun "
+            f"--nproc-per-node={topology.world_size} (or change pipeline.replicas / pipeline.balance / "
+            "pipeline.stages / pipeline.stages_per_worker)"
         )
 
 
@@ -43,11 +47,13 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     (run_dir / DRIVER_PID_FILE).write_text(str(os.getpid()))
     init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc)
     schedule = build_schedule_for(cfg, plan.num_stages)
-    topology = Topology.of(schedule)
+    topology = Topology.of(schedule, cfg.pipeline.replicas)
+    if topology.num_replicas > 1:
+        join_default_group(0, world_size, cfg.rpc.timeout_s)
     try:
-        handles = start_workers(topology, schedule, build_worker_stages, (cfg, plan))
+        handles = start_workers(topology, schedule, build_worker_stages, (cfg, plan), cfg.rpc.timeout_s)
     except StageError as error:
-        label = topology.label(topology.worker_of(error.stage_idx))
+        label = topology.label(*reversed(error.worker))
         print(f"pipetrain: run stopped: {StageFailure(label, error.action, error)}", flush=True)
         shutdown_rpc(graceful=False)
         return 1
@@ -67,6 +73,7 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
         shutdown_rpc(graceful=False)
         return 1
     shutdown_rpc(graceful=True)
+    leave_default_group()
     if driver.interrupted_after is not None:
         print(f"pipetrain: run interrupted after step {driver.interrupted_after}", flush=True)
         return 130
@@ -78,12 +85,15 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     return 0
 
 
-def serve_worker(cfg: TrainConfig, rank: int, world_size: int) -> int:
-    """Rank ``w + 1``: serve as worker ``w`` until the driver is done (the driver builds its stages here)."""
+def serve_worker(cfg: TrainConfig, topology: Topology, rank: int, world_size: int) -> int:
+    """Serve as the worker ``rank`` runs until the driver is done (the driver builds its stages here)."""
     if cfg.log.profile_steps:
         warm_up_profiler()
-    init_rpc(worker_name(rank - 1), rank, world_size, cfg.rpc)
+    init_rpc(worker_name(topology.worker_at(rank), topology.replica_at(rank)), rank, world_size, cfg.rpc)
+    if topology.num_replicas > 1:
+        join_default_group(rank, world_size, cfg.rpc.timeout_s)
     shutdown_rpc(graceful=True)
+    leave_default_group()
     return 0
 
 

@@ -25,6 +25,7 @@ carries either its result or the error that stopped it, so nothing waits forever
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ import torch
 
 from pipetrain import boundary
 from pipetrain.failures import StageError
+from pipetrain.gradient_sync import GradientSync
 from pipetrain.profiling import StepProfiler, WorkerProfile
 from pipetrain.schedule import Action, ActionKind, Schedule, input_dependency, output_consumer
 from pipetrain.stage import Stage
@@ -59,6 +61,7 @@ Work = Sequence[tuple[Action, Any, Any]]
 RemoteFetch = Callable[[int, Action], torch.futures.Future]
 """``fetch(worker_idx, action)``: a future of ``(output, produced_at)`` of ``action`` on another worker."""
 
+_SYNC = "gradient all-reduce across replicas"
 _LOCAL = object()
 _NOT_PROFILED = nullcontext()
 """The scope of an action, a wait or an optimizer step when the step is not profiled."""
@@ -106,15 +109,34 @@ class _StepState:
     """The two halves of one step on a worker: its actions, and its optimizer step."""
 
     actions_done: torch.futures.Future = field(default_factory=torch.futures.Future)
+    gradients_ready: torch.futures.Future = field(default_factory=torch.futures.Future)
+    """Done once the actions are done and, with replicas, the gradients averaged (``None``, or the error)."""
     step_requested: torch.futures.Future = field(default_factory=torch.futures.Future)
     reports: torch.futures.Future = field(default_factory=torch.futures.Future)
+
+
+@dataclass(frozen=True)
+class _Sync:
+    """One stage's gradient average across replicas, in flight."""
+
+    started_at: float
+    outcome: torch.futures.Future
+    """When the average was done (``time.time()``), or the :class:`StageError` that stopped it."""
 
 
 class WorkerRunner:
     """Runs worker ``worker_idx``'s actions of ``schedule`` on ``stages`` (stage index -> stage)."""
 
-    def __init__(self, worker_idx: int, stages: Mapping[int, Stage], schedule: Schedule) -> None:
+    def __init__(
+        self,
+        worker_idx: int,
+        stages: Mapping[int, Stage],
+        schedule: Schedule,
+        gradient_sync: GradientSync | None = None,
+    ) -> None:
         self.worker_idx = worker_idx
+        self.gradient_sync = gradient_sync
+        """With replicas: averages each stage's gradients with its copies once its actions are done."""
         self.stages = dict(stages)
         self.schedule = schedule
         self._order = tuple(schedule[worker_idx])
@@ -196,8 +218,9 @@ class WorkerRunner:
         """Once the actions of ``step_id`` are done: stage index -> that stage's gradient norms
         (:meth:`Stage.gradient_norms`), or the error.
 
-        Asked before :meth:`optimizer_step` (the stages wait for it), so the gradients are complete and
-        untouched; computed on the thread that finishes the actions, or on the caller's when done.
+        Asked before :meth:`optimizer_step` (the stages wait for it), so the gradients are complete (with
+        replicas: averaged) and untouched; computed on the thread that finishes them, or on the caller's
+        when done.
         """
 
         def _norms(done: torch.futures.Future) -> Any:
@@ -209,7 +232,7 @@ class WorkerRunner:
             except Exception as failure:
                 return StageError.wrap(failure, min(self.stages), "gradient norms")
 
-        return self._step(step_id).actions_done.then(_norms)
+        return self._step(step_id).gradients_ready.then(_norms)
 
     def fetch(self, action: Action) -> torch.futures.Future:
         """A future of ``(output, produced_at)`` of ``action``: once, for its consumer on another worker."""
@@ -272,6 +295,7 @@ class WorkerRunner:
         """The step on the compute thread (waiting here for an input blocks no transport thread)."""
         remaining = Counter(action.stage_idx for action, _, _ in work)
         reports: dict[int, StageReport] = {}
+        syncs: dict[int, _Sync] = {}
         local_outputs: dict[Action, Any] = {}
         free_at = received
         position, failed_stage, running = 0, min(self.stages), "optimizer step"
@@ -292,18 +316,25 @@ class WorkerRunner:
                 free_at = time.time()
                 progress(position + 1)
                 remaining[action.stage_idx] -= 1
-                if remaining[action.stage_idx] == 0 and state.step_requested.done():
+                if remaining[action.stage_idx] == 0 and self.gradient_sync is not None:
+                    failed_stage, running = action.stage_idx, _SYNC
+                    syncs[action.stage_idx] = self._start_sync(action.stage_idx)
+                elif remaining[action.stage_idx] == 0 and state.step_requested.done():
                     failed_stage, running = action.stage_idx, "optimizer step"
                     reports[action.stage_idx] = self._step_stage(
                         action.stage_idx, state.step_requested.value(), profiler
                     )
             position = len(work)
             done.set_result(None)
+            _when_all_done([sync.outcome for sync in syncs.values()], state.gradients_ready)
             request = state.step_requested.wait()
             for stage_idx in sorted(self.stages):
                 if stage_idx not in reports:
+                    failed_stage, running = stage_idx, _SYNC
+                    sync_figures = self._finish_sync(syncs[stage_idx]) if stage_idx in syncs else {}
                     failed_stage, running = stage_idx, "optimizer step"
-                    reports[stage_idx] = self._step_stage(stage_idx, request, profiler)
+                    report = self._step_stage(stage_idx, request, profiler)
+                    reports[stage_idx] = dataclasses.replace(report, **sync_figures)
             if profiler is not None:
                 running = "stopping the profiler"
                 profiler.stop()
@@ -316,6 +347,8 @@ class WorkerRunner:
             self._fail_outbox(work[position:], failure)
             if not done.done():
                 done.set_result(failure)
+            if not state.gradients_ready.done():
+                state.gradients_ready.set_result(failure)
             state.reports.set_result(failure)  # kept: a late optimizer-step request gets the failure too
             return
         with self._lock:
@@ -371,6 +404,37 @@ class WorkerRunner:
         profiler.received(action, producer_worker, produced_at, arrived_at)
         return value, produced_at, arrived_at
 
+    def _start_sync(self, stage_idx: int) -> _Sync:
+        """Start averaging stage ``stage_idx``'s gradients with its copies in the other replicas."""
+        assert self.gradient_sync is not None
+        started_at = time.time()
+        try:
+            averaged = self.gradient_sync.start(self.stages[stage_idx])
+        except Exception as error:
+            averaged = torch.futures.Future()
+            averaged.set_exception(error)
+
+        def _outcome(future: torch.futures.Future) -> Any:
+            try:
+                future.wait()
+            except Exception as error:
+                failure = StageError.wrap(error, stage_idx, _SYNC)
+                failure.secondary = True  # a replica's peer is usually what failed
+                return failure
+            return time.time()
+
+        return _Sync(started_at, averaged.then(_outcome))
+
+    @staticmethod
+    def _finish_sync(sync: _Sync) -> dict[str, float]:
+        """Wait for a stage's average; its figures for the stage's report (raises its error)."""
+        waited_from = time.time()
+        done_at = _result(sync.outcome)
+        return {
+            "allreduce_s": max(done_at - sync.started_at, 0.0),
+            "allreduce_exposed_s": max(done_at - waited_from, 0.0),
+        }
+
     def _step_stage(
         self, stage_idx: int, request: OptimizerStepRequest, profiler: StepProfiler | None
     ) -> StageReport:
@@ -425,6 +489,22 @@ class WorkerRunner:
     def _outbox_future(self, action: Action) -> torch.futures.Future:
         with self._lock:
             return self._outbox.setdefault(action, torch.futures.Future())
+
+
+def _when_all_done(outcomes: Sequence[torch.futures.Future], target: torch.futures.Future) -> None:
+    """Complete ``target`` once every outcome is in: with the first error among them, else ``None``."""
+
+    def _complete(_: torch.futures.Future) -> None:
+        errors = [
+            value for value in (outcome.value() for outcome in outcomes) if isinstance(value, Exception)
+        ]
+        if not target.done():
+            target.set_result(errors[0] if errors else None)
+
+    if not outcomes:
+        _complete(completed(None))
+        return
+    torch.futures.collect_all(list(outcomes)).add_done_callback(_complete)
 
 
 def _what(action: Action) -> str:

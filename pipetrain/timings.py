@@ -64,6 +64,10 @@ class StageReport:
     target."""
     predictions: int = 0
     """Evaluation, last stage, classification: predictions made (``correct`` out of these)."""
+    allreduce_s: float = 0.0
+    """With replicas: from the start of the gradient average across replicas to its end."""
+    allreduce_exposed_s: float = 0.0
+    """With replicas: the part of ``allreduce_s`` the stage's optimizer step waited for (not overlapped)."""
 
     def total(self, category: SpanCategory) -> float:
         """Total seconds spent in ``category``."""

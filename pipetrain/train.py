@@ -73,7 +73,7 @@ def _run(cfg: DictConfig) -> int:
         return 2
     with lock:
         config_path = write_run_config(run_dir, cfg)
-        topology = Topology.of(build_schedule_for(train_cfg, plan.num_stages))
+        topology = Topology.of(build_schedule_for(train_cfg, plan.num_stages), train_cfg.pipeline.replicas)
         print(f"pipetrain: {describe_plan(plan, topology)} -> {run_dir}", flush=True)
         status = run_torchrun(
             topology.world_size, ["--config", str(config_path)], run_dir, env={LOCK_HELD_ENV: "1"}

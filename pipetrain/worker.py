@@ -1,6 +1,7 @@
-"""torchrun entry point: rank 0 drives, rank w+1 serves worker w, all of them one checked configuration.
+"""torchrun entry point: rank 0 drives, the others serve as workers, all of them one checked configuration.
 
     torchrun --nproc-per-node=4 -m pipetrain.worker pipeline.balance=[2,2,2] pipeline.num_microbatches=8
+    torchrun --nproc-per-node=5 -m pipetrain.worker pipeline.replicas=2      # 2 replicas x 2 workers + 1
     torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         -m pipetrain.worker pipeline.balance=[2,2,2]         # multi-node: same command on every node
     torchrun ... -m pipetrain.worker --config runs/.../config.yaml     # a resolved config, as written
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             composed = load_run_config(receive_config()) if has_shared_store() else compose_config(args)
         cfg = to_train_config(composed)
         plan = stage_plan(cfg)
-        check_world_size(Topology.of(build_schedule_for(cfg, plan.num_stages)), world_size)
+        topology = Topology.of(build_schedule_for(cfg, plan.num_stages), cfg.pipeline.replicas)
+        check_world_size(topology, world_size)
         if rank == 0 and lock is None and not os.environ.get(LOCK_HELD_ENV):
             lock = RunLock(cfg.run_dir).acquire()
     except ValueError as error:  # configuration errors: one line, then a clean exit
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigRefused:  # rank 0 refused the configuration and said why
         return 2
     if rank > 0:
-        return serve_worker(cfg, rank, world_size)
+        return serve_worker(cfg, topology, rank, world_size)
     with lock or nullcontext():
         return drive(cfg, plan, world_size, Path(cfg.run_dir))
 

@@ -25,7 +25,7 @@ from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
 from pipetrain.losses import get_loss
 from pipetrain.targets import call_target
-from pipetrain.transport import local_workers
+from pipetrain.transport import local_replicas, local_workers
 
 MODEL_SPECS = {
     "mlp": {
@@ -145,14 +145,16 @@ def train_unsplit(cfg, record: dict[str, list[float]] | None = None):
     return losses, model.state_dict()
 
 
-def train_pipelined(cfg, run_dir=None, start_step: int = 0, print_fn=None):
+def train_pipelined(cfg, run_dir=None, start_step: int = 0, print_fn=None, replica_states=None):
     """Train ``cfg`` through in-process workers (the real runner, on threads); return the losses of the
-    steps run and the final parameters and buffers under their full-model names."""
+    steps run and the final parameters and buffers under their full-model names (replica 0's, with
+    ``pipeline.replicas``; ``replica_states``, when given, receives every replica's)."""
     plan, stages = build_stages(cfg)
+    replicas = [stages] + [build_stages(cfg)[1] for _ in range(cfg.pipeline.replicas - 1)]
     schedule = build_schedule_for(cfg, plan.num_stages)
     train_set, eval_set = build_datasets(cfg)
     batches = BatchOrder(train_set, cfg.train.batch_size, cfg.seed)
-    handles = local_workers(stages, schedule)
+    handles = local_replicas(replicas, schedule) if len(replicas) > 1 else local_workers(stages, schedule)
     driver = Driver(
         cfg,
         handles,
@@ -163,7 +165,13 @@ def train_pipelined(cfg, run_dir=None, start_step: int = 0, print_fn=None):
         eval_batches=build_eval_batches(cfg, eval_set),
     )
     losses = driver.train(start_step=start_step)
-    return losses, {name: value for stage in stages for name, value in stage.module.full_state_dict().items()}
+    states = [
+        {name: value for stage in copy for name, value in stage.module.full_state_dict().items()}
+        for copy in replicas
+    ]
+    if replica_states is not None:
+        replica_states.extend(states)
+    return losses, states[0]
 
 
 def assert_same_training(losses, state, reference_losses, reference_state) -> None:

@@ -27,6 +27,8 @@ class WorkerHandle(Protocol):
     """The driver's view of one worker and the stages it hosts."""
 
     worker_idx: int
+    replica_idx: int
+    """The copy of the pipeline the worker belongs to (0 without replicas)."""
 
     @property
     def label(self) -> str:

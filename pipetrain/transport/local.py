@@ -13,26 +13,29 @@ from typing import Any
 import torch
 
 from pipetrain.failures import StageError
+from pipetrain.gradient_sync import GradientSync, InProcessGradientSync
 from pipetrain.runner import PLAIN_STEP, OptimizerStepRequest, Work, WorkerRunner, completed
 from pipetrain.schedule import Schedule
 from pipetrain.stage import Stage
 from pipetrain.transport.handle import ProgressTracker
 
-__all__ = ["LocalWorkerHandle", "local_workers"]
+__all__ = ["LocalWorkerHandle", "local_workers", "local_replicas"]
 
 
 class LocalWorkerHandle:
     """A :class:`~pipetrain.transport.handle.WorkerHandle` on a runner in this process."""
 
-    def __init__(self, runner: WorkerRunner) -> None:
+    def __init__(self, runner: WorkerRunner, replica_idx: int = 0) -> None:
         self.runner = runner
         self.worker_idx = runner.worker_idx
+        self.replica_idx = replica_idx
         self._steps_sent = 0
 
     @property
     def label(self) -> str:
-        """``"worker <k> (in-process)"``."""
-        return f"worker {self.worker_idx} (in-process)"
+        """``"worker <k> (in-process)"``, or ``"replica <r> worker <k> (in-process)"``."""
+        replica = f"replica {self.replica_idx} " if self.runner.gradient_sync is not None else ""
+        return f"{replica}worker {self.worker_idx} (in-process)"
 
     def submit(self, work: Work, profile: bool = False, evaluate: bool = False) -> list[torch.futures.Future]:
         """Start the actions on the worker's compute thread (under ``torch.profiler`` with ``profile``).
@@ -78,12 +81,33 @@ class LocalWorkerHandle:
             return completed(StageError.wrap(error, min(self.runner.stages), "profile collection"))
 
 
-def local_workers(stages: Sequence[Stage], schedule: Schedule) -> list[LocalWorkerHandle]:
-    """Handles on in-process workers holding ``stages`` (stage ``k`` at index ``k``) as ``schedule`` says."""
+def local_workers(
+    stages: Sequence[Stage],
+    schedule: Schedule,
+    replica_idx: int = 0,
+    gradient_sync: GradientSync | None = None,
+) -> list[LocalWorkerHandle]:
+    """Handles on in-process workers holding ``stages`` (stage ``k`` at index ``k``) as ``schedule`` says.
+
+    ``replica_idx`` and ``gradient_sync`` make them one replica of several (see :func:`local_replicas`).
+    """
     runners = [
-        WorkerRunner(worker, {idx: stages[idx] for idx in schedule.stages_of(worker)}, schedule)
+        WorkerRunner(
+            worker, {idx: stages[idx] for idx in schedule.stages_of(worker)}, schedule, gradient_sync
+        )
         for worker in range(schedule.num_workers)
     ]
     for runner in runners:
         runner.connect(lambda worker, action: runners[worker].fetch(action))
-    return [LocalWorkerHandle(runner) for runner in runners]
+    return [LocalWorkerHandle(runner, replica_idx) for runner in runners]
+
+
+def local_replicas(replica_stages: Sequence[Sequence[Stage]], schedule: Schedule) -> list[LocalWorkerHandle]:
+    """Handles on the in-process workers of several replicas (``replica_stages[r]``: replica ``r``'s
+    stages), whose copies of each stage average their gradients before stepping."""
+    sync = InProcessGradientSync(len(replica_stages))
+    return [
+        handle
+        for replica_idx, stages in enumerate(replica_stages)
+        for handle in local_workers(stages, schedule, replica_idx, sync)
+    ]

@@ -1,7 +1,7 @@
 """Workers over ``torch.distributed.rpc`` (TensorPipe); the only module that imports it.
 
 Names: the driver is RPC worker ``driver`` (rank 0), worker ``w`` is RPC worker ``worker<w>`` (rank
-``w + 1``).
+``w + 1``); with replicas, worker ``w`` of replica ``r > 0`` is ``replica<r>-worker<w>``.
 
 **RRefs, and what for.** An RRef is a reference to an object that lives in another process (its owner);
 calls through it (``rref.rpc_async().method(...)``) run on the owner, on the object itself. The driver
@@ -37,6 +37,7 @@ from pipetrain.runner import PLAIN_STEP, OptimizerStepRequest, Work, WorkerRunne
 from pipetrain.schedule import Action, Schedule
 from pipetrain.stage import Stage
 from pipetrain.topology import Topology
+from pipetrain.transport.collectives import ProcessGroupGradientSync
 from pipetrain.transport.handle import ProgressTracker
 
 __all__ = [
@@ -60,16 +61,17 @@ StageFactory = Callable[..., dict[int, Stage]]
 """``factory(*args, worker_idx=...)``: the stages of a worker (stage index -> stage), built where it runs."""
 
 
-def worker_name(worker_idx: int) -> str:
-    """The RPC worker name of worker ``worker_idx``."""
-    return f"worker{worker_idx}"
+def worker_name(worker_idx: int, replica_idx: int = 0) -> str:
+    """The RPC worker name of worker ``worker_idx`` of replica ``replica_idx``."""
+    return f"worker{worker_idx}" if replica_idx == 0 else f"replica{replica_idx}-worker{worker_idx}"
 
 
 class RpcRunner:
     """A worker's :class:`WorkerRunner`, owned by the worker process and reached through its RRef."""
 
-    def __init__(self, worker_idx: int) -> None:
+    def __init__(self, worker_idx: int, replica_idx: int = 0) -> None:
         self.worker_idx = worker_idx
+        self.replica_idx = replica_idx
         self._runner: WorkerRunner | None = None
         self._board: rpc.RRef | None = None
 
@@ -80,14 +82,26 @@ class RpcRunner:
         factory_args: tuple[Any, ...],
         peers: Sequence[rpc.RRef],
         board: rpc.RRef,
+        replica_ranks: Sequence[int] = (),
+        timeout_s: float = 60.0,
     ) -> StageError | None:
-        """Build this worker's stages (``factory``) and connect to the peer runners and the board."""
+        """Build this worker's stages (``factory``) and connect to the peer runners (of its replica) and
+        the board; with several ``replica_ranks``, join their gradient average (:mod:`.collectives`)."""
+        first_stage = schedule.stages_of(self.worker_idx)[0]
         try:
             stages = factory(*factory_args, worker_idx=self.worker_idx)
-            runner = WorkerRunner(self.worker_idx, stages, schedule)
         except Exception as error:
-            first_stage = schedule.stages_of(self.worker_idx)[0]
             return StageError.wrap(error, first_stage, "building its stages")
+        try:
+            sync = None
+            if len(replica_ranks) > 1:
+                device = next(iter(stages.values())).device
+                sync = ProcessGroupGradientSync(replica_ranks, timeout_s, device)
+            runner = WorkerRunner(self.worker_idx, stages, schedule, sync)
+        except Exception as error:
+            return StageError.wrap(
+                error, first_stage, f"joining the replica group of ranks {list(replica_ranks)}"
+            )
 
         def _fetch(worker: int, action: Action) -> torch.futures.Future:
             return peers[worker].rpc_async(timeout=_NO_DEADLINE).fetch(str(action))
@@ -103,7 +117,7 @@ class RpcRunner:
         """Run the step's actions (text form), profiled with ``profile``, as an evaluation pass with
         ``evaluate``; reports progress to the board."""
         runner = self._started()
-        sender = _ProgressSender(self._board, self.worker_idx, step_id)
+        sender = _ProgressSender(self._board, (self.replica_idx, self.worker_idx), step_id)
         try:
             parsed = [(Action.parse(text), value, target) for text, value, target in work]
             return runner.run_actions(step_id, parsed, sender.advance, profile, evaluate)
@@ -156,15 +170,15 @@ class ProgressBoard:
     """The driver's receiver of the workers' progress reports (reached by them through its RRef)."""
 
     def __init__(self) -> None:
-        self._trackers: dict[int, ProgressTracker] = {}
+        self._trackers: dict[tuple[int, int], ProgressTracker] = {}
 
-    def track(self, worker_idx: int, tracker: ProgressTracker) -> None:
-        """Route ``worker_idx``'s reports to ``tracker`` from now on."""
-        self._trackers[worker_idx] = tracker
+    def track(self, worker: tuple[int, int], tracker: ProgressTracker) -> None:
+        """Route the reports of ``worker`` (replica and worker index) to ``tracker`` from now on."""
+        self._trackers[worker] = tracker
 
-    def advance(self, worker_idx: int, step_id: int, done: int) -> None:
-        """Worker ``worker_idx`` has run the first ``done`` actions of step ``step_id``."""
-        tracker = self._trackers.get(worker_idx)
+    def advance(self, worker: tuple[int, int], step_id: int, done: int) -> None:
+        """``worker`` (replica and worker index) has run the first ``done`` actions of step ``step_id``."""
+        tracker = self._trackers.get(worker)
         if tracker is not None and tracker.step_id == step_id:  # a late report of an earlier step is moot
             tracker.advance(done)
 
@@ -177,9 +191,9 @@ class _ProgressSender:
     trip (it names the first action it has not heard finish when a worker's process dies).
     """
 
-    def __init__(self, board: rpc.RRef, worker_idx: int, step_id: int) -> None:
+    def __init__(self, board: rpc.RRef, worker: tuple[int, int], step_id: int) -> None:
         self._board = board
-        self._worker_idx = worker_idx
+        self._worker = worker
         self._step_id = step_id
         self._lock = threading.Lock()
         self._done = 0
@@ -197,7 +211,7 @@ class _ProgressSender:
         self._send(done)
 
     def _send(self, done: int) -> None:
-        reply = self._board.rpc_async(timeout=_NO_DEADLINE).advance(self._worker_idx, self._step_id, done)
+        reply = self._board.rpc_async(timeout=_NO_DEADLINE).advance(self._worker, self._step_id, done)
         reply.add_done_callback(self._acknowledged)
 
     def _acknowledged(self, _: torch.futures.Future) -> None:
@@ -210,26 +224,30 @@ class _ProgressSender:
 
 
 class RpcWorkerHandle:
-    """The driver's handle on worker ``worker_idx`` (rank ``rank``), through the RRef of its runner."""
+    """The driver's handle on worker ``worker_idx`` of replica ``replica_idx``, through its runner's RRef."""
 
-    def __init__(self, worker_idx: int, rank: int, runner: rpc.RRef, board: ProgressBoard) -> None:
+    def __init__(
+        self, topology: Topology, worker_idx: int, replica_idx: int, runner: rpc.RRef, board: ProgressBoard
+    ) -> None:
         self.worker_idx = worker_idx
-        self.rank = rank
+        self.replica_idx = replica_idx
+        self.rank = topology.rank_of(worker_idx, replica_idx)
+        self._label = topology.label(worker_idx, replica_idx)
         self._runner = runner
         self._board = board
         self._steps_sent = 0
 
     @property
     def label(self) -> str:
-        """``"worker <k> (rank <r>)"``."""
-        return f"worker {self.worker_idx} (rank {self.rank})"
+        """``"worker <k> (rank <r>)"``; with replicas ``"replica <p> worker <k> (rank <r>)"``."""
+        return self._label
 
     def submit(self, work: Work, profile: bool = False, evaluate: bool = False) -> list[torch.futures.Future]:
         """Send the step's actions in one request; the worker's progress reports complete their futures."""
         self._steps_sent += 1
         done = [torch.futures.Future() for _ in work]
         tracker = ProgressTracker(self._steps_sent, done)
-        self._board.track(self.worker_idx, tracker)
+        self._board.track((self.replica_idx, self.worker_idx), tracker)
         texts = [(str(action), value, target) for action, value, target in work]
         reply = self._runner.rpc_async(timeout=_NO_DEADLINE).run_actions(
             self._steps_sent, texts, profile, evaluate
@@ -259,29 +277,54 @@ class RpcWorkerHandle:
 
 
 def start_workers(
-    topology: Topology, schedule: Schedule, factory: StageFactory, factory_args: tuple[Any, ...]
+    topology: Topology,
+    schedule: Schedule,
+    factory: StageFactory,
+    factory_args: tuple[Any, ...],
+    timeout_s: float = 60.0,
 ) -> list[RpcWorkerHandle]:
-    """Driver: create every worker's runner (``rpc.remote``), build its stages, connect them; the handles.
+    """Driver: create every worker's runner (``rpc.remote``), build its stages, connect them; the handles
+    (replica by replica, worker by worker). The copies of a worker in the replicas form a process group
+    with ``timeout_s`` on its collectives.
 
-    Raises the first :class:`StageError` of a worker that could not build its stages.
+    Raises the first :class:`StageError` of a worker that could not build its stages, with the worker's
+    ``(replica, worker)`` index in ``error.worker``.
     """
     board = ProgressBoard()
     board_rref = rpc.RRef(board)
-    runners = [
-        rpc.remote(worker_name(worker), RpcRunner, args=(worker,), timeout=_NO_DEADLINE)
+    workers = [
+        (replica, worker)
+        for replica in range(topology.num_replicas)
         for worker in range(topology.num_workers)
     ]
+    runners = {
+        (replica, worker): rpc.remote(
+            worker_name(worker, replica), RpcRunner, args=(worker, replica), timeout=_NO_DEADLINE
+        )
+        for replica, worker in workers
+    }
     started = [
-        runner.rpc_async(timeout=_NO_DEADLINE).start(schedule, factory, factory_args, runners, board_rref)
-        for runner in runners
+        runners[(replica, worker)]
+        .rpc_async(timeout=_NO_DEADLINE)
+        .start(
+            schedule,
+            factory,
+            factory_args,
+            [runners[(replica, peer)] for peer in range(topology.num_workers)],
+            board_rref,
+            topology.replica_ranks(worker),
+            timeout_s,
+        )
+        for replica, worker in workers
     ]
-    for reply in started:
+    for (replica, worker), reply in zip(workers, started, strict=True):
         error = result_or_error(reply)
         if isinstance(error, BaseException):
+            error.worker = (replica, worker)
             raise error
     return [
-        RpcWorkerHandle(worker, topology.rank_of(worker), runner, board)
-        for worker, runner in enumerate(runners)
+        RpcWorkerHandle(topology, worker, replica, runners[(replica, worker)], board)
+        for replica, worker in workers
     ]
 
 
