@@ -147,6 +147,7 @@ class Driver:
         the same weights)."""
         self.plan = plan
         self.schedule = build_schedule_for(cfg, plan.num_stages)
+        self._eval_schedule = self.schedule.forward_only()
         self.batches = batches
         self.eval_batches = eval_batches
         self.run_dir = run_dir
@@ -239,7 +240,6 @@ class Driver:
     def evaluate(self, step: int) -> Evaluation:
         """One evaluation pass over :attr:`eval_batches`: forward only through the workers, no autograd."""
         assert self.eval_batches is not None
-        schedule = self.schedule.forward_only()
         losses, correct, predictions = [], 0, 0
         with _naming_step(step):
             for index in range(len(self.eval_batches)):
@@ -248,7 +248,7 @@ class Driver:
                     inputs, targets, self.cfg.pipeline.num_microbatches
                 )
                 executed = execute(
-                    schedule,
+                    self._eval_schedule,
                     self.first_replica,
                     micro_inputs,
                     micro_targets,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,8 @@ from pipetrain.build import (
     build_schedule_for,
     build_stages,
 )
+from pipetrain.checkpoint import merged_model_state
+from pipetrain.compose import compose_config, to_train_config
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
@@ -172,6 +176,23 @@ def train_pipelined(cfg, run_dir=None, start_step: int = 0, print_fn=None, repli
     if replica_states is not None:
         replica_states.extend(states)
     return losses, states[0]
+
+
+def assert_run_equals_unsplit(run_dir, overrides: list[str]) -> list[dict]:
+    """The finished run of ``overrides`` in ``run_dir`` logged the unsplit model's losses at every step and
+    saved its final weights (to 1e-5); return the run's ``metrics.jsonl`` entries."""
+    logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    cfg = to_train_config(compose_config(overrides))
+    reference_losses, reference_weights = train_unsplit(cfg)
+    losses = [entry["train/loss"] for entry in logged]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
+    weights = merged_model_state(Path(run_dir) / "checkpoints" / f"step_{cfg.train.steps}")
+    assert weights.keys() == reference_weights.keys()
+    for name, value in reference_weights.items():
+        torch.testing.assert_close(
+            weights[name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    return logged
 
 
 def assert_same_training(losses, state, reference_losses, reference_state) -> None:

@@ -7,14 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import STEP_TAGS, run_command, train_unsplit, worker_tags
+from conftest import STEP_TAGS, assert_run_equals_unsplit, run_command, worker_tags
 from slow_parts import slow_model_overrides
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
-
-from pipetrain.checkpoint import merged_model_state
-from pipetrain.compose import compose_config, to_train_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 
@@ -83,13 +79,7 @@ def test_rpc_training_equals_unsplit(tmp_path, schedule, balance):
     overrides = [*SMALL, f"schedule={schedule}", f"pipeline.balance={balance}"]
     result = train(tmp_path, *overrides)
     assert result.returncode == 0, result.output[-4000:]
-    losses = [entry["train/loss"] for entry in logged_steps(tmp_path)]
-    reference_losses, reference_weights = train_unsplit(to_train_config(compose_config(overrides)))
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
-    weights = merged_model_state(tmp_path / "checkpoints" / "step_10")
-    assert weights.keys() == reference_weights.keys()
-    for name, value in reference_weights.items():
-        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5)
+    assert_run_equals_unsplit(tmp_path, overrides)
 
 
 @pytest.mark.parametrize("num_microbatches", [32, 64])

@@ -7,7 +7,6 @@ checked against the unsplit model trained in one process.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import signal
@@ -17,12 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Launched, assert_same_training, make_config, run_command, train_pipelined, train_unsplit
+from conftest import (
+    Launched,
+    assert_run_equals_unsplit,
+    assert_same_training,
+    make_config,
+    run_command,
+    train_pipelined,
+    train_unsplit,
+)
 from slow_parts import slow_model_overrides
 
 from pipetrain.build import build_dataset, build_stages
 from pipetrain.checkpoint import merged_model_state
-from pipetrain.compose import compose_config, to_train_config
 from pipetrain.data import BatchOrder
 from pipetrain.runner import WorkerRunner
 from pipetrain.schedule import Action, ActionKind, Schedule
@@ -164,14 +170,7 @@ def test_rpc_interleaved_training_equals_unsplit(tmp_path, layout):
     )
     assert result.returncode == 0, result.output[-4000:]
     assert "on 2 workers" in result.output or "on 3 workers" in result.output
-    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    cfg = to_train_config(compose_config(overrides))
-    reference_losses, reference_weights = train_unsplit(cfg)
-    losses = [entry["train/loss"] for entry in logged]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
-    weights = merged_model_state(tmp_path / "checkpoints" / "step_6")
-    for name, value in reference_weights.items():
-        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    logged = assert_run_equals_unsplit(tmp_path, overrides)
     assert {f"worker{k}/busy_s" for k in range(2)} <= logged[-1].keys()
 
 
