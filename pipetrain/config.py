@@ -124,7 +124,9 @@ class RpcConfig:
     """The RPC transport between the driver and the workers."""
 
     timeout_s: float = 60.0
-    """Seconds an RPC may take before the driver declares its stage stuck and stops the run."""
+    """A no-progress watchdog, not a per-call deadline: seconds without anything completing (an action, an
+    optimizer step, a checkpoint's bytes) before the driver declares the pipeline stuck and stops the run;
+    also the timeout of the replicas' gradient all-reduce."""
     num_worker_threads: int = 16
     """TensorPipe RPC thread-pool size on every process."""
     transports: list[str] | None = field(default_factory=lambda: ["uv"])

@@ -62,6 +62,8 @@ RemoteFetch = Callable[[int, Action], torch.futures.Future]
 """``fetch(worker_idx, action)``: a future of ``(output, produced_at)`` of ``action`` on another worker."""
 
 _SYNC = "gradient all-reduce across replicas"
+_REPORT_EVERY_S = 0.02
+"""How often at most a computing worker reports its progress to the driver (see _ThrottledProgress)."""
 _LOCAL = object()
 _NOT_PROFILED = nullcontext()
 """The scope of an action, a wait or an optimizer step when the step is not profiled."""
@@ -168,7 +170,9 @@ class WorkerRunner:
     ) -> torch.futures.Future:
         """Start the step's actions; the future completes (``None``, or the error) when all have run.
 
-        ``progress(n)`` is called from the compute thread each time the first ``n`` actions are done. With
+        ``progress(n)`` is called from the compute thread when the first ``n`` actions are done: at most
+        every 20 ms while the worker computes, and before it waits for an input (the last ones need no
+        report: the returned future says all are done). With
         ``profile``, the step runs under ``torch.profiler`` until its optimizer steps are done; then
         :meth:`collect_profile` hands the profile out. With ``evaluate``, ``work`` is the forward actions
         only (:meth:`Schedule.forward_only`), run by :meth:`Stage.evaluate`; no optimizer step follows,
@@ -296,6 +300,7 @@ class WorkerRunner:
         remaining = Counter(action.stage_idx for action, _, _ in work)
         reports: dict[int, StageReport] = {}
         syncs: dict[int, _Sync] = {}
+        reports_to_driver = _ThrottledProgress(progress)
         local_outputs: dict[Action, Any] = {}
         free_at = received
         position, failed_stage, running = 0, min(self.stages), "optimizer step"
@@ -308,13 +313,14 @@ class WorkerRunner:
                 if arrival is _LOCAL:
                     value = local_outputs.pop(input_dependency(action, self.schedule))
                 else:
+                    reports_to_driver.before_waiting_for(arrival)
                     value, produced_at, arrived_at = self._await_input(action, arrival, profiler)
                     self._record_idle(action, free_at, produced_at, arrived_at)
                 with _NOT_PROFILED if profiler is None else profiler.action(action):
                     output = self._dispatch(action, value, target)
                 self._hand_over(action, output, local_outputs)
                 free_at = time.time()
-                progress(position + 1)
+                reports_to_driver.done(position + 1)
                 remaining[action.stage_idx] -= 1
                 if remaining[action.stage_idx] == 0 and self.gradient_sync is not None:
                     failed_stage, running = action.stage_idx, _SYNC
@@ -365,6 +371,7 @@ class WorkerRunner:
     ) -> None:
         """An evaluation pass on the compute thread: forward actions only, then the stages' results."""
         local_outputs: dict[Action, Any] = {}
+        reports_to_driver = _ThrottledProgress(progress)
         position, failed_stage, running = 0, min(self.stages), "evaluation"
         try:
             for position, ((action, _, target), arrival) in enumerate(zip(work, arrivals, strict=True)):
@@ -372,10 +379,11 @@ class WorkerRunner:
                 if arrival is _LOCAL:
                     value = local_outputs.pop(input_dependency(action, self.schedule))
                 else:
+                    reports_to_driver.before_waiting_for(arrival)
                     value = _result(arrival)[0]
                 output = self.stages[action.stage_idx].evaluate(action.mb_idx, value, target)
                 self._hand_over(action, output, local_outputs)
-                progress(position + 1)
+                reports_to_driver.done(position + 1)
             position = len(work)
             done.set_result(None)
             state.step_requested.wait()
@@ -489,6 +497,42 @@ class WorkerRunner:
     def _outbox_future(self, action: Action) -> torch.futures.Future:
         with self._lock:
             return self._outbox.setdefault(action, torch.futures.Future())
+
+
+class _ThrottledProgress:
+    """A step's progress reports to the driver: at most one per ``_REPORT_EVERY_S`` while the worker
+    computes, and the pending one as soon as it has waited that long for an input.
+
+    Each report costs CPU on both sides (a message on the worker, bookkeeping on the driver), and short
+    actions run back to back would send one each; the driver needs them only to name the action a dead
+    or stuck worker was running, which it then does at most ``_REPORT_EVERY_S`` late.
+    """
+
+    def __init__(self, report: Callable[[int], None]) -> None:
+        self._report = report
+        self._reported_at = time.monotonic()
+        self._pending = 0
+
+    def done(self, count: int) -> None:
+        """The first ``count`` actions of the step are done."""
+        now = time.monotonic()
+        if now - self._reported_at < _REPORT_EVERY_S:
+            self._pending = count
+            return
+        self._pending = 0
+        self._reported_at = now
+        self._report(count)
+
+    def before_waiting_for(self, arrival: torch.futures.Future) -> None:
+        """Wait up to ``_REPORT_EVERY_S`` for ``arrival``; still not there: send the pending report."""
+        if not self._pending or arrival.done():
+            return
+        arrived = threading.Event()
+        arrival.add_done_callback(lambda _: arrived.set())
+        if not arrived.wait(_REPORT_EVERY_S):
+            count, self._pending = self._pending, 0
+            self._reported_at = time.monotonic()
+            self._report(count)
 
 
 def _when_all_done(outcomes: Sequence[torch.futures.Future], target: torch.futures.Future) -> None:

@@ -6,10 +6,13 @@ here: which ``done`` futures a report, a late report, and the stage's reply comp
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 
 from pipetrain.failures import StageError
-from pipetrain.runner import completed
+from pipetrain.runner import _ThrottledProgress, completed
 from pipetrain.transport.handle import ProgressTracker
 from pipetrain.transport.rpc import ProgressBoard
 
@@ -22,11 +25,11 @@ def test_a_report_completes_the_actions_it_counts_and_a_stale_one_changes_nothin
     done = _futures(4)
     tracker = ProgressTracker(step_id=2, done=done)
     board = ProgressBoard()
-    board.track(0, tracker)  # what RpcWorkerHandle.submit registers for worker 0
-    board.advance(0, 2, 2)
+    board.track((0, 0), tracker)  # what RpcWorkerHandle.submit registers for worker 0 of replica 0
+    board.advance((0, 0), 2, 2)
     assert [future.done() for future in done] == [True, True, False, False]
-    board.advance(0, 2, 1)  # reports can arrive out of order
-    board.advance(0, 1, 4)  # a late report of the previous step
+    board.advance((0, 0), 2, 1)  # reports can arrive out of order
+    board.advance((0, 0), 1, 4)  # a late report of the previous step
     assert [future.done() for future in done] == [True, True, False, False]
     tracker.finish(completed("report"))
     assert all(future.done() and future.value() is None for future in done)
@@ -48,3 +51,22 @@ def test_a_failed_step_fails_the_actions_not_reported_done_with_its_error():
             raise AssertionError("an action after the failure was reported done")
     tracker.advance(3)  # a report that was already on its way when the worker failed
     assert all(future.done() for future in done)
+
+
+def test_a_computing_worker_reports_at_most_every_20_ms_and_before_it_waits():
+    sent: list[int] = []
+    progress = _ThrottledProgress(sent.append)
+    for count in range(1, 6):  # actions back to back, well within 20 ms
+        progress.done(count)
+    assert sent == []
+    arrival: torch.futures.Future = torch.futures.Future()
+    progress.before_waiting_for(completed(None))  # an input already there: no wait, no report
+    assert sent == []
+    timer = threading.Timer(0.5, lambda: arrival.set_result(None))
+    timer.start()
+    progress.before_waiting_for(arrival)  # the input takes longer than 20 ms: the driver hears of 5
+    assert sent == [5] and not arrival.done()
+    timer.join()
+    time.sleep(0.03)
+    progress.done(6)  # 20 ms after the last report: sent at once
+    assert sent == [5, 6]
