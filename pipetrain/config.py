@@ -92,6 +92,10 @@ class TrainLoopConfig:
     """Clip the gradients of *all* stages together to this 2-norm, exactly as
     ``torch.nn.utils.clip_grad_norm_`` on the unsplit model; a step whose norm is not finite is skipped
     on every stage. ``null``: no clipping."""
+    max_restarts: int = 0
+    """Times torchrun restarts the run's processes after one of them fails (its ``--max-restarts``);
+    each restart resumes from the newest complete checkpoint of the run directory by itself (none yet:
+    from where the run started). A run launched by hand passes ``--max-restarts`` to torchrun itself."""
 
 
 @dataclass(kw_only=True)

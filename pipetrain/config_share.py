@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = ["ConfigRefused", "has_shared_store", "publish_config", "receive_config"]
+__all__ = ["ConfigRefused", "has_shared_store", "publish_config", "receive_config", "published_config"]
 
 _WAIT_S = 600.0
 
@@ -29,8 +29,11 @@ def has_shared_store() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and port.isdigit() and int(port) > 0
 
 
-def _key() -> str:
-    return f"pipetrain/run_config/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+def _key(attempt: int | None = None) -> str:
+    """The store key of one attempt's config (torchrun's restarts of a run are its attempts 1, 2, ...)."""
+    if attempt is None:
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    return f"pipetrain/run_config/{attempt}"
 
 
 def _store(timeout_s: float) -> dist.Store:
@@ -50,6 +53,18 @@ def publish_config(text: str | None = None, error: str | None = None) -> None:
 def receive_config(timeout_s: float = _WAIT_S) -> str:
     """Other ranks: the config text rank 0 published; :class:`ConfigRefused` when rank 0 refused it."""
     message = json.loads(_store(timeout_s).get(_key()))
+    if message["error"] is not None:
+        raise ConfigRefused(message["error"])
+    return message["config"]
+
+
+def published_config(attempt: int) -> str | None:
+    """The config text rank 0 published in ``attempt`` of this run (``None``: it published none);
+    :class:`ConfigRefused` when rank 0 refused the configuration then. Does not wait."""
+    store = _store(_WAIT_S)
+    if not store.check([_key(attempt)]):
+        return None
+    message = json.loads(store.get(_key(attempt)))
     if message["error"] is not None:
         raise ConfigRefused(message["error"])
     return message["config"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from pipetrain import boundary
-from pipetrain.build import build_schedule_for
+from pipetrain.build import build_schedule_for, resume_step
 from pipetrain.checkpoint import (
     commit_checkpoint,
     find_checkpoint,
@@ -152,7 +152,7 @@ class Driver:
         self.eval_batches = eval_batches
         self.run_dir = run_dir
         self.print_fn = print_fn
-        self.logger = MetricsLogger(run_dir) if run_dir is not None else None
+        self.logger = MetricsLogger(run_dir, continue_after=resume_step(cfg)) if run_dir is not None else None
         self.interrupted_after: int | None = None
         """The step after which an interrupt (Ctrl-C) stopped training, if one did."""
 

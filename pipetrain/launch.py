@@ -40,8 +40,14 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(num_processes: int, worker_args: Sequence[str], port: int, log_dir: Path) -> list[str]:
-    """torchrun for one driver plus ``num_processes - 1`` workers; only rank 0 reaches the console."""
+def torchrun_command(
+    num_processes: int, worker_args: Sequence[str], port: int, log_dir: Path, max_restarts: int = 0
+) -> list[str]:
+    """torchrun for one driver plus ``num_processes - 1`` workers; only rank 0 reaches the console.
+
+    torchrun restarts every process up to ``max_restarts`` times after one fails (checking them every
+    0.1 s, its default); the restarted run resumes from its newest checkpoint (:mod:`pipetrain.restart`).
+    """
     return [
         sys.executable,
         "-m",
@@ -50,6 +56,7 @@ def torchrun_command(num_processes: int, worker_args: Sequence[str], port: int, 
         f"--nproc-per-node={num_processes}",
         "--master-addr=127.0.0.1",
         f"--master-port={port}",
+        f"--max-restarts={max_restarts}",
         f"--log-dir={log_dir}",
         "--redirects=3",
         "--tee=1",
@@ -60,7 +67,9 @@ def torchrun_command(num_processes: int, worker_args: Sequence[str], port: int, 
     ]
 
 
-def run_torchrun(num_processes: int, worker_args: Sequence[str], run_dir: Path, env: dict[str, str]) -> int:
+def run_torchrun(
+    num_processes: int, worker_args: Sequence[str], run_dir: Path, env: dict[str, str], max_restarts: int = 0
+) -> int:
     """Run torchrun to completion in its own process group; return its exit status (130 if interrupted)."""
     env = {**os.environ, **env}
     env.setdefault("TP_SOCKET_IFNAME", "lo")
@@ -68,7 +77,7 @@ def run_torchrun(num_processes: int, worker_args: Sequence[str], run_dir: Path, 
     env.setdefault("OMP_NUM_THREADS", "1")
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    command = torchrun_command(num_processes, worker_args, free_loopback_port(), log_dir)
+    command = torchrun_command(num_processes, worker_args, free_loopback_port(), log_dir, max_restarts)
     with open(log_dir / "torchrun.log", "ab") as torchrun_log, open(run_dir / "train.log", "a") as train_log:
         process = subprocess.Popen(
             command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=torchrun_log, text=True

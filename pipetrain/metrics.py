@@ -18,6 +18,7 @@ same few columns in every run of a sweep, its figures are the last values of the
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -411,18 +412,25 @@ def log_failed_run(run_dir: Path | str, hparams: dict[str, object]) -> None:
 class MetricsLogger:
     """Writes step metrics to TensorBoard (``run_dir/tb/``) and ``run_dir/metrics.jsonl``.
 
+    A run that continues after step ``continue_after`` (a resume, or a restart) logs its steps afresh: the
+    lines of later steps that a run stopped after that checkpoint left in ``metrics.jsonl`` are dropped,
+    and TensorBoard hides their events (the writer's ``purge_step``); the medians go on from the kept lines.
     Usable as a context manager; :meth:`close` flushes and closes both outputs.
     """
 
-    def __init__(self, run_dir: Path | str) -> None:
+    def __init__(self, run_dir: Path | str, continue_after: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.tb_dir = self.run_dir / "tb"
         self.tb_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
-        self._writer: SummaryWriter | None = SummaryWriter(log_dir=str(self.tb_dir))
+        kept = _keep_lines_up_to(self.jsonl_path, continue_after) if continue_after > 0 else []
+        purge_step = continue_after + 1 if continue_after > 0 else None
+        self._writer: SummaryWriter | None = SummaryWriter(log_dir=str(self.tb_dir), purge_step=purge_step)
         self._writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
         self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
-        self._history: dict[str, list[float]] = {tag: [] for tag in MEDIAN_TAGS}
+        self._history: dict[str, list[float]] = {
+            tag: [line[tag] for line in kept if tag in line] for tag in MEDIAN_TAGS
+        }
 
     def _require_open(self) -> SummaryWriter:
         if self._writer is None:
@@ -488,3 +496,26 @@ class MetricsLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _keep_lines_up_to(path: Path, step: int) -> list[dict]:
+    """Rewrite ``path`` (atomically) keeping only its lines of steps up to ``step``; return them parsed.
+
+    A torn last line (the writer killed mid-line) is dropped too.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(record)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return kept

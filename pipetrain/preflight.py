@@ -44,6 +44,7 @@ def check_settings(cfg: TrainConfig) -> None:
     _at_least(cfg.train.steps, 1, "train.steps")
     _at_least(cfg.train.batch_size, 1, "train.batch_size")
     _at_least(cfg.train.log_every, 1, "train.log_every")
+    _at_least(cfg.train.max_restarts, 0, "train.max_restarts")
     _at_least(cfg.log.trace_every, 0, "log.trace_every")
     _check_profile_steps(cfg.log.profile_steps, cfg.train.steps)
     _at_least(cfg.checkpoint.every, 0, "checkpoint.every")

@@ -100,6 +100,15 @@ def lock_holder(run_dir: str | os.PathLike) -> int | None:
         return None
 
 
+def _try_flock(handle) -> bool:
+    """Take an exclusive ``flock`` on ``handle``; ``False`` when another open file of it holds one."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 class RunLock:
     """An exclusive lock on a run directory, held by the process that trains in it.
 
@@ -110,12 +119,15 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_FILE
         self._handle = None
 
-    def acquire(self) -> RunLock:
-        """Take the lock; ``ValueError`` naming ``run_dir`` when a live run holds it."""
+    def acquire(self, wait_s: float = 0.0) -> RunLock:
+        """Take the lock; ``ValueError`` naming ``run_dir`` when a live run holds it (for ``wait_s``)."""
         handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        deadline = time.monotonic() + wait_s
+        locked = _try_flock(handle)
+        while not locked and time.monotonic() < deadline:
+            time.sleep(0.1)
+            locked = _try_flock(handle)
+        if not locked:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()

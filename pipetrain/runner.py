@@ -63,7 +63,7 @@ RemoteFetch = Callable[[int, Action], torch.futures.Future]
 
 _SYNC = "gradient all-reduce across replicas"
 _REPORT_EVERY_S = 0.02
-"""How often at most a computing worker reports its progress to the driver (see _ThrottledProgress)."""
+"""How often at most a worker reports its progress to the driver (see _ThrottledProgress)."""
 _LOCAL = object()
 _NOT_PROFILED = nullcontext()
 """The scope of an action, a wait or an optimizer step when the step is not profiled."""
@@ -170,9 +170,9 @@ class WorkerRunner:
     ) -> torch.futures.Future:
         """Start the step's actions; the future completes (``None``, or the error) when all have run.
 
-        ``progress(n)`` is called from the compute thread when the first ``n`` actions are done: at most
-        every 20 ms while the worker computes, and before it waits for an input (the last ones need no
-        report: the returned future says all are done). With
+        ``progress(n)`` is called when the first ``n`` actions are done: at once after a quiet spell, else
+        merged with the following ones into one call at most 20 ms later (from a timer thread); the last
+        ones may go unreported, as the returned future says all are done. With
         ``profile``, the step runs under ``torch.profiler`` until its optimizer steps are done; then
         :meth:`collect_profile` hands the profile out. With ``evaluate``, ``work`` is the forward actions
         only (:meth:`Schedule.forward_only`), run by :meth:`Stage.evaluate`; no optimizer step follows,
@@ -313,7 +313,6 @@ class WorkerRunner:
                 if arrival is _LOCAL:
                     value = local_outputs.pop(input_dependency(action, self.schedule))
                 else:
-                    reports_to_driver.before_waiting_for(arrival)
                     value, produced_at, arrived_at = self._await_input(action, arrival, profiler)
                     self._record_idle(action, free_at, produced_at, arrived_at)
                 with _NOT_PROFILED if profiler is None else profiler.action(action):
@@ -331,6 +330,7 @@ class WorkerRunner:
                         action.stage_idx, state.step_requested.value(), profiler
                     )
             position = len(work)
+            reports_to_driver.close()
             done.set_result(None)
             _when_all_done([sync.outcome for sync in syncs.values()], state.gradients_ready)
             request = state.step_requested.wait()
@@ -347,6 +347,7 @@ class WorkerRunner:
                 with self._lock:
                     self._profiler = profiler
         except Exception as error:  # every waiter learns of the failure, nothing waits forever
+            reports_to_driver.close()
             if profiler is not None:
                 profiler.discard()
             failure = StageError.wrap(error, failed_stage, running)
@@ -379,16 +380,17 @@ class WorkerRunner:
                 if arrival is _LOCAL:
                     value = local_outputs.pop(input_dependency(action, self.schedule))
                 else:
-                    reports_to_driver.before_waiting_for(arrival)
                     value = _result(arrival)[0]
                 output = self.stages[action.stage_idx].evaluate(action.mb_idx, value, target)
                 self._hand_over(action, output, local_outputs)
                 reports_to_driver.done(position + 1)
             position = len(work)
+            reports_to_driver.close()
             done.set_result(None)
             state.step_requested.wait()
             reports = [self.stages[idx].evaluation_report() for idx in sorted(self.stages)]
         except Exception as error:  # every waiter learns of the failure, nothing waits forever
+            reports_to_driver.close()
             failure = StageError.wrap(error, failed_stage, running)
             self._fail_outbox(work[position:], failure)
             if not done.done():
@@ -500,39 +502,53 @@ class WorkerRunner:
 
 
 class _ThrottledProgress:
-    """A step's progress reports to the driver: at most one per ``_REPORT_EVERY_S`` while the worker
-    computes, and the pending one as soon as it has waited that long for an input.
+    """A step's progress reports to the driver, at most one per ``_REPORT_EVERY_S``.
 
     Each report costs CPU on both sides (a message on the worker, bookkeeping on the driver), and short
-    actions run back to back would send one each; the driver needs them only to name the action a dead
-    or stuck worker was running, which it then does at most ``_REPORT_EVERY_S`` late.
+    actions run back to back would send one each. The first report after a quiet spell goes at once; the
+    ones that follow within ``_REPORT_EVERY_S`` are merged into one, sent by a timer when that time is up.
+    So the driver, which needs them only to name the action a dead or stuck worker was running, hears of
+    every action at most ``_REPORT_EVERY_S`` after its end.
     """
 
     def __init__(self, report: Callable[[int], None]) -> None:
         self._report = report
-        self._reported_at = time.monotonic()
-        self._pending = 0
+        self._lock = threading.Lock()
+        self._reported_at = -_REPORT_EVERY_S
+        self._latest = 0
+        self._timer: threading.Timer | None = None
 
     def done(self, count: int) -> None:
         """The first ``count`` actions of the step are done."""
-        now = time.monotonic()
-        if now - self._reported_at < _REPORT_EVERY_S:
-            self._pending = count
-            return
-        self._pending = 0
-        self._reported_at = now
+        with self._lock:
+            self._latest = count
+            if self._timer is not None:  # a merged report is on its way: it will carry this count
+                return
+            now = time.monotonic()
+            wait_s = self._reported_at + _REPORT_EVERY_S - now
+            if wait_s > 0:
+                self._timer = threading.Timer(wait_s, self._send_merged)
+                self._timer.daemon = True
+                self._timer.start()
+                return
+            self._reported_at = now
         self._report(count)
 
-    def before_waiting_for(self, arrival: torch.futures.Future) -> None:
-        """Wait up to ``_REPORT_EVERY_S`` for ``arrival``; still not there: send the pending report."""
-        if not self._pending or arrival.done():
-            return
-        arrived = threading.Event()
-        arrival.add_done_callback(lambda _: arrived.set())
-        if not arrived.wait(_REPORT_EVERY_S):
-            count, self._pending = self._pending, 0
+    def close(self) -> None:
+        """The step is over (its future says so): drop a report still waiting."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _send_merged(self) -> None:
+        with self._lock:
+            if self._timer is None:  # closed meanwhile
+                return
+            self._timer = None
             self._reported_at = time.monotonic()
-            self._report(count)
+            count = self._latest
+        self._report(count)
 
 
 def _when_all_done(outcomes: Sequence[torch.futures.Future], target: torch.futures.Future) -> None:

@@ -76,7 +76,11 @@ def _run(cfg: DictConfig) -> int:
         topology = Topology.of(build_schedule_for(train_cfg, plan.num_stages), train_cfg.pipeline.replicas)
         print(f"pipetrain: {describe_plan(plan, topology)} -> {run_dir}", flush=True)
         status = run_torchrun(
-            topology.world_size, ["--config", str(config_path)], run_dir, env={LOCK_HELD_ENV: "1"}
+            topology.world_size,
+            ["--config", str(config_path)],
+            run_dir,
+            env={LOCK_HELD_ENV: "1"},
+            max_restarts=train_cfg.train.max_restarts,
         )
     _RESULTS.append((run_dir, status))
     return status

@@ -5,6 +5,7 @@
     torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
         -m pipetrain.worker pipeline.balance=[2,2,2]         # multi-node: same command on every node
     torchrun ... -m pipetrain.worker --config runs/.../config.yaml     # a resolved config, as written
+    torchrun --nproc-per-node=4 --max-restarts=2 -m pipetrain.worker checkpoint.every=50   # restarts resume
 
 Arguments are Hydra overrides, exactly as for ``python -m pipetrain.train``: rank 0 composes and checks
 them, writes ``<run_dir>/config.yaml`` and shares it with the other ranks through torchrun's store.
@@ -26,6 +27,7 @@ from pipetrain.compose import compose_config, load_run_config, to_train_config, 
 from pipetrain.config_share import ConfigRefused, has_shared_store, publish_config, receive_config
 from pipetrain.failures import request_interrupt, request_stop
 from pipetrain.preflight import preflight, stage_plan
+from pipetrain.restart import LOCK_WAIT_S, driver_exit_status, rejoin_config, restart_count, resume_on_restart
 from pipetrain.roles import check_world_size, drive, serve_worker
 from pipetrain.run_dir import RunLock, check_writable, default_run_dir
 from pipetrain.topology import Topology
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if args[:1] == ["--config"]:
             composed = load_run_config(Path(args[1]))
         elif rank == 0:
-            composed, lock = _compose_and_write(args)
+            rejoined = rejoin_config()
+            composed, lock = (load_run_config(rejoined), None) if rejoined else _compose_and_write(args)
         else:
             composed = load_run_config(receive_config()) if has_shared_store() else compose_config(args)
         cfg = to_train_config(composed)
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         topology = Topology.of(build_schedule_for(cfg, plan.num_stages), cfg.pipeline.replicas)
         check_world_size(topology, world_size)
         if rank == 0 and lock is None and not os.environ.get(LOCK_HELD_ENV):
-            lock = RunLock(cfg.run_dir).acquire()
+            lock = RunLock(cfg.run_dir).acquire(wait_s=LOCK_WAIT_S if restart_count() else 0.0)
     except ValueError as error:  # configuration errors: one line, then a clean exit
         print(f"pipetrain [rank {rank}]: configuration error: {error}", flush=True)
         return 2
@@ -65,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rank > 0:
         return serve_worker(cfg, topology, rank, world_size)
+    cfg = resume_on_restart(cfg)
     with lock or nullcontext():
-        return drive(cfg, plan, world_size, Path(cfg.run_dir))
+        return driver_exit_status(drive(cfg, plan, world_size, Path(cfg.run_dir)))
 
 
 def _compose_and_write(overrides: list[str]):

@@ -15,16 +15,18 @@ import torch
 import torch.distributed as dist
 
 from pipetrain.gradient_sync import FlatTensors, synced_tensors
+from pipetrain.rendezvous import INIT_METHOD
 from pipetrain.stage import Stage
 
 __all__ = ["join_default_group", "leave_default_group", "ProcessGroupGradientSync"]
 
 
 def join_default_group(rank: int, world_size: int, timeout_s: float) -> None:
-    """Join the run's default process group (rendezvous through torchrun's ``MASTER_ADDR/PORT``)."""
+    """Join the run's default process group (rendezvous through torchrun's ``MASTER_ADDR/PORT``, apart from
+    the run's earlier attempts: :mod:`pipetrain.rendezvous`)."""
     dist.init_process_group(
         backend="gloo",
-        init_method="env://",
+        init_method=INIT_METHOD,
         rank=rank,
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),

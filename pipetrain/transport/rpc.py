@@ -38,6 +38,7 @@ import torch.distributed.rpc as rpc
 
 from pipetrain.config import RpcConfig
 from pipetrain.failures import StageError
+from pipetrain.rendezvous import INIT_METHOD
 from pipetrain.runner import PLAIN_STEP, OptimizerStepRequest, Work, WorkerRunner, completed, result_or_error
 from pipetrain.schedule import Action, Schedule
 from pipetrain.stage import Stage
@@ -354,11 +355,12 @@ def start_workers(
 
 
 def init_rpc(name: str, rank: int, world_size: int, settings: RpcConfig) -> None:
-    """Join the RPC group (rendezvous through torchrun's ``MASTER_ADDR`` / ``MASTER_PORT``)."""
+    """Join the RPC group (rendezvous through torchrun's ``MASTER_ADDR`` / ``MASTER_PORT``, apart from the
+    run's earlier attempts: :mod:`pipetrain.rendezvous`)."""
     options = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=settings.num_worker_threads,
         rpc_timeout=settings.timeout_s,
-        init_method="env://",
+        init_method=INIT_METHOD,
         _transports=list(settings.transports) if settings.transports else None,
         _channels=list(settings.channels) if settings.channels else None,
     )
