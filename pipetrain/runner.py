@@ -12,7 +12,9 @@ The optimizer step is a phase of its own: the driver asks for it (:meth:`WorkerR
 after sending the actions, and each stage steps as soon as its own actions are done and the request is
 there, so a stage that finishes early steps while the others drain. With global gradient clipping the
 driver first asks for the stages' gradient norms (:meth:`WorkerRunner.gradient_norms`, answered once the
-worker's actions are done), then for the optimizer step with the scale they imply.
+worker's actions are done), then for the optimizer step with the scale they imply. With replicas
+(:mod:`pipetrain.gradient_sync`), each stage starts averaging its gradients with its copies as soon as its
+own actions are done, and steps once the average is there.
 
 A step can run under ``torch.profiler`` (:mod:`pipetrain.profiling`): the profiler starts on the compute
 thread before the step's first action and stops after its last optimizer step, and actions, waits for
