@@ -32,7 +32,7 @@ from pipetrain.checkpoint import (
 )
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder, EvalBatches
-from pipetrain.executor import execute, wait_all
+from pipetrain.executor import StageLabels, execute, wait_all
 from pipetrain.failures import RunStopped, StageFailure, interrupt_requested, stop_requested
 from pipetrain.grad_clip import GlobalNorm
 from pipetrain.loader import DataError, step_batches
@@ -310,10 +310,10 @@ class Driver:
             path = write_profile(self.run_dir / "traces", step, document, summary)
             self.print_fn(f"pipetrain: profile of step {step}: {path} (open it in https://ui.perfetto.dev)")
 
-    def _stage_labels(self) -> dict[int, str]:
-        """Stage index -> the label of the worker hosting it (how failures name a stage's worker)."""
+    def _stage_labels(self) -> StageLabels:
+        """How failures of replica 0's requests name a stage's worker (see :func:`wait_all`)."""
         worker_labels = {h.worker_idx: h.label for h in self.first_replica}
-        return {idx: worker_labels[self.schedule.worker_of(idx)] for idx in range(self.plan.num_stages)}
+        return lambda _, stage_idx: worker_labels[self.schedule.worker_of(stage_idx)]
 
     def save_checkpoint(self, step: int) -> Path:
         """Every stage writes its file in parallel (replica 0's copy: the replicas' are the same); the

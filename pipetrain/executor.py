@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from pipetrain.schedule import Action, ActionKind, Schedule, dependencies, execu
 from pipetrain.timings import StageReport
 from pipetrain.transport.handle import WorkerHandle
 
-__all__ = ["ExecutedStep", "StageFailure", "execute", "wait_all"]  # StageFailure re-exported
+__all__ = ["ExecutedStep", "StageFailure", "StageLabels", "execute", "wait_all"]  # StageFailure re-exported
 
 _NAME_THE_CAUSE_S = 3.0
 _POLL_STOP_S = 0.1
@@ -173,9 +173,9 @@ def _is_forward_of(action: Action, stage_idx: int) -> bool:
     return action.kind is ActionKind.FORWARD and action.stage_idx == stage_idx
 
 
-StageLabels = Mapping[int, str] | Callable[[int, int], str]
-"""How to name the worker of a stage that a :class:`StageError` comes from: stage index -> label, or
-``labels(entry, stage_idx)`` where it depends on the wait entry that failed (which replica it is in)."""
+StageLabels = Callable[[int, int], str]
+"""``labels(entry, stage_idx)``: how to name the worker of the stage a :class:`StageError` comes from, as
+seen from the wait entry that failed (the stage's worker in that entry's replica)."""
 
 
 def wait_all(
@@ -266,10 +266,8 @@ def wait_all(
     if state["first_error"] is not None:
         index, error = state["first_error"]
         label, what, _ = pending[index]
-        if isinstance(error, StageError) and callable(labels):
+        if isinstance(error, StageError) and labels is not None:
             label, what = labels(index, error.stage_idx), error.action
-        elif isinstance(error, StageError) and labels and error.stage_idx in labels:
-            label, what = labels[error.stage_idx], error.action
         elif blame is not None:
             with lock:
                 label, what, _ = pending[blame(list(ok), index)]

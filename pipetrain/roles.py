@@ -16,7 +16,7 @@ from pipetrain.build import (
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
-from pipetrain.failures import RunStopped, StageError, StageFailure
+from pipetrain.failures import RunStopped, StageFailure
 from pipetrain.loader import DataError
 from pipetrain.partition import StagePlan
 from pipetrain.profiling import warm_up as warm_up_profiler
@@ -52,9 +52,8 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
         join_default_group(0, world_size, cfg.rpc.timeout_s)
     try:
         handles = start_workers(topology, schedule, build_worker_stages, (cfg, plan), cfg.rpc.timeout_s)
-    except StageError as error:
-        label = topology.label(*reversed(error.worker))
-        print(f"pipetrain: run stopped: {StageFailure(label, error.action, error)}", flush=True)
+    except StageFailure as failure:
+        print(f"pipetrain: run stopped: {failure}", flush=True)
         shutdown_rpc(graceful=False)
         return 1
     train_set, eval_set = build_datasets(cfg)

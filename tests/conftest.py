@@ -31,6 +31,8 @@ from pipetrain.losses import get_loss
 from pipetrain.targets import call_target
 from pipetrain.transport import local_replicas, local_workers
 
+TESTS_DIR = Path(__file__).resolve().parent
+
 MODEL_SPECS = {
     "mlp": {
         "_target_": "pipetrain.models.mlp.mlp",
@@ -255,6 +257,31 @@ class Launched:
             kill_tagged(self.tag)
         assert not leftovers, f"processes {leftovers} of {self.args} outlived it\n{output[-4000:]}"
         return Finished(self.process.returncode, output, time.monotonic() - self.started)
+
+
+def launch_with_markers(args: list[str], cwd: Path, markers: Path) -> Launched:
+    """Start ``args`` with ``tests/`` importable and ``tests/slow_parts.py``'s phase markers written into
+    ``markers`` (created here), so a test can kill a real worker in a known phase (:func:`wait_for_phase`)."""
+    markers.mkdir(parents=True)
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "PIPETRAIN_TEST_MARKERS": str(markers),
+    }
+    return Launched(args, cwd=cwd, env=env)
+
+
+def wait_for_phase(run: Launched, markers: Path, rank: int, phase: str, timeout: float = 60) -> int:
+    """Wait until ``rank`` reports ``phase``; return its pid."""
+    deadline = time.monotonic() + timeout
+    marker = markers / f"rank{rank}"
+    while time.monotonic() < deadline:
+        assert run.process.poll() is None, "the run ended before the phase was reached"
+        if marker.exists():
+            found, pid = marker.read_text().split()
+            if found == phase:
+                return int(pid)
+        time.sleep(0.005)
+    raise AssertionError(f"rank {rank} never reported {phase}")
 
 
 def run_command(args: list[str], timeout: float, cwd: str | os.PathLike | None = None, env=None) -> Finished:

@@ -12,18 +12,18 @@ import re
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
-    Launched,
     assert_run_equals_unsplit,
     assert_same_training,
+    launch_with_markers,
     make_config,
     run_command,
     train_pipelined,
     train_unsplit,
+    wait_for_phase,
 )
 from slow_parts import slow_model_overrides
 
@@ -35,8 +35,6 @@ from pipetrain.schedule import Action, ActionKind, Schedule
 from pipetrain.topology import Topology
 
 pytestmark = pytest.mark.timeout(120)
-
-TESTS_DIR = Path(__file__).resolve().parent
 
 
 def six_stage_config(schedule: str, stages_per_worker: int, num_microbatches: int = 4, steps: int = 4):
@@ -178,11 +176,6 @@ def test_rpc_interleaved_training_equals_unsplit(tmp_path, layout):
 @pytest.mark.timeout(120)
 def test_a_killed_worker_hosting_two_stages_is_named_with_its_stage_and_action(tmp_path):
     markers = tmp_path / "markers"
-    markers.mkdir()
-    env = {
-        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-        "PIPETRAIN_TEST_MARKERS": str(markers),
-    }
     args = [
         sys.executable,
         "-m",
@@ -196,14 +189,10 @@ def test_a_killed_worker_hosting_two_stages_is_named_with_its_stage_and_action(t
         "train.steps=1000",
         "train.log_every=1000",
     ]
-    run = Launched(args, cwd=tmp_path, env=env)
-    marker = markers / "rank2"
-    deadline = time.monotonic() + 60
-    while not (marker.exists() and marker.read_text().startswith("backward ")):
-        assert run.process.poll() is None and time.monotonic() < deadline, "worker 1 never ran a backward"
-        time.sleep(0.005)
+    run = launch_with_markers(args, tmp_path, markers)
+    pid = wait_for_phase(run, markers, rank=2, phase="backward")
     time.sleep(0.02)
-    os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     result = run.finish(timeout=60)
     assert time.monotonic() - killed_at < 10

@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Launched
+from conftest import Launched, launch_with_markers, wait_for_phase
 from slow_parts import slow_model_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
-TESTS_DIR = Path(__file__).resolve().parent
 SLOW_RUN = [
     *slow_model_overrides(delay_s=0.05),
     "optim=sgd",
@@ -35,25 +34,8 @@ SLOW_RUN = [
 
 def launch(run_dir: Path, *overrides: str) -> tuple[Launched, Path]:
     markers = run_dir / "markers"
-    markers.mkdir(parents=True)
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    env["PIPETRAIN_TEST_MARKERS"] = str(markers)
     args = [sys.executable, "-m", "pipetrain.train", f"hydra.run.dir={run_dir}", *SLOW_RUN, *overrides]
-    return Launched(args, cwd=run_dir, env=env), markers
-
-
-def wait_for_phase(run: Launched, markers: Path, rank: int, phase: str, timeout: float = 60) -> int:
-    """Wait until ``rank`` reports ``phase``; return its pid."""
-    deadline = time.monotonic() + timeout
-    marker = markers / f"rank{rank}"
-    while time.monotonic() < deadline:
-        assert run.process.poll() is None, "the run ended before the phase was reached"
-        if marker.exists():
-            found, pid = marker.read_text().split()
-            if found == phase:
-                return int(pid)
-        time.sleep(0.005)
-    raise AssertionError(f"rank {rank} never reported {phase}")
+    return launch_with_markers(args, run_dir, markers), markers
 
 
 @pytest.mark.parametrize("stage_idx", [0, 1, 2], ids=["first", "middle", "last"])

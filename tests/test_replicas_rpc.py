@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Launched, assert_run_equals_unsplit, run_command, train_unsplit
+from conftest import (
+    Launched,
+    assert_run_equals_unsplit,
+    launch_with_markers,
+    run_command,
+    train_unsplit,
+    wait_for_phase,
+)
 from slow_parts import slow_model_overrides
 
 from pipetrain.compose import compose_config, to_train_config
@@ -22,7 +29,6 @@ from pipetrain.launch import free_loopback_port
 
 pytestmark = [pytest.mark.distributed]
 
-TESTS_DIR = Path(__file__).resolve().parent
 SMALL = [
     "model.hidden=32",
     "train.batch_size=32",
@@ -85,11 +91,6 @@ def test_two_replicas_over_rpc_equal_the_unsplit_model_and_resume_under_one(tmp_
 def test_a_killed_worker_of_a_replica_is_named_and_nothing_hangs_in_the_all_reduce(tmp_path):
     """Replica 1's last worker dies mid-backward while replica 0's waits in the gradient all-reduce."""
     markers = tmp_path / "markers"
-    markers.mkdir()
-    env = {
-        "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-        "PIPETRAIN_TEST_MARKERS": str(markers),
-    }
     args = [
         sys.executable,
         "-m",
@@ -105,14 +106,10 @@ def test_a_killed_worker_of_a_replica_is_named_and_nothing_hangs_in_the_all_redu
         "train.steps=1000",
         "train.log_every=1000",
     ]
-    run = Launched(args, cwd=tmp_path, env=env)
-    marker = markers / "rank4"  # replica 1, worker 1
-    deadline = time.monotonic() + 60
-    while not (marker.exists() and marker.read_text().startswith("backward ")):
-        assert run.process.poll() is None and time.monotonic() < deadline, "rank 4 never ran a backward"
-        time.sleep(0.005)
+    run = launch_with_markers(args, tmp_path, markers)
+    pid = wait_for_phase(run, markers, rank=4, phase="backward")  # replica 1, worker 1
     time.sleep(0.02)
-    os.kill(int(marker.read_text().split()[1]), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
     result = run.finish(timeout=60)
     assert time.monotonic() - killed_at < 10

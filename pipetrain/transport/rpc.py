@@ -37,7 +37,7 @@ import torch
 import torch.distributed.rpc as rpc
 
 from pipetrain.config import RpcConfig
-from pipetrain.failures import StageError
+from pipetrain.failures import StageError, StageFailure
 from pipetrain.rendezvous import INIT_METHOD
 from pipetrain.runner import PLAIN_STEP, OptimizerStepRequest, Work, WorkerRunner, completed, result_or_error
 from pipetrain.schedule import Action, Schedule
@@ -312,8 +312,7 @@ def start_workers(
     (replica by replica, worker by worker). The copies of a worker in the replicas form a process group
     with ``timeout_s`` on its collectives.
 
-    Raises the first :class:`StageError` of a worker that could not build its stages, with the worker's
-    ``(replica, worker)`` index in ``error.worker``.
+    Raises :class:`StageFailure`, naming the worker, for the first one that could not build its stages.
     """
     board = ProgressBoard()
     board_rref = rpc.RRef(board)
@@ -345,8 +344,9 @@ def start_workers(
     ]
     for (replica, worker), reply in zip(workers, started, strict=True):
         error = result_or_error(reply)
+        if isinstance(error, StageError):
+            raise StageFailure(topology.label(worker, replica), error.action, error) from error
         if isinstance(error, BaseException):
-            error.worker = (replica, worker)
             raise error
     return [
         RpcWorkerHandle(topology, worker, replica, runners[(replica, worker)], board)
