@@ -18,6 +18,7 @@ import torch.utils._pytree as pytree
 
 __all__ = [
     "map_tensors",
+    "map_leaves",
     "tensor_leaves",
     "detach",
     "to_device",
@@ -43,7 +44,12 @@ def _flatten(value: Any) -> tuple[list[Any], pytree.TreeSpec]:
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     """``value`` with ``fn`` applied to every tensor leaf; other leaves unchanged."""
-    return pytree.tree_map(lambda leaf: fn(leaf) if torch.is_tensor(leaf) else leaf, value, is_leaf=_is_leaf)
+    return map_leaves(lambda leaf: fn(leaf) if torch.is_tensor(leaf) else leaf, value)
+
+
+def map_leaves(fn: Callable[[Any], Any], value: Any) -> Any:
+    """``value`` with ``fn`` applied to every leaf (tensors and constants), in flattening order."""
+    return pytree.tree_map(fn, value, is_leaf=_is_leaf)
 
 
 def tensor_leaves(value: Any) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ __all__ = [
     "EvalConfig",
     "LogConfig",
     "RpcConfig",
+    "DATA_PLANES",
     "CheckpointConfig",
     "LoaderConfig",
     "AutobalanceConfig",
@@ -123,6 +124,10 @@ class LogConfig:
     varies (``balance: "[2,4]"``, ``schedule: 1f1b``), so the table shows exactly what differs."""
 
 
+DATA_PLANES = ("rpc", "c10d")
+"""The values of ``rpc.data_plane``."""
+
+
 @dataclass(kw_only=True)
 class RpcConfig:
     """The RPC transport between the driver and the workers."""
@@ -138,6 +143,10 @@ class RpcConfig:
     core in every process, which starves the stages' compute where cores are few. ``null``: all."""
     channels: list[str] | None = field(default_factory=lambda: ["basic"])
     """TensorPipe channels for tensor payloads (``null``: TensorPipe's default set)."""
+    data_plane: str = "rpc"
+    """How boundary values travel between workers: ``rpc`` (the consumer fetches each one with an RPC call)
+    or ``c10d`` (the producer sends it with c10d send/recv, gloo on the CPU; :mod:`pipetrain.transport.p2p`).
+    Requests, replies and references always go over RPC."""
 
 
 @dataclass(kw_only=True)

@@ -22,7 +22,7 @@ from pipetrain.build import (
 )
 from pipetrain.checkpoint import find_checkpoint, read_manifest
 from pipetrain.composition import check_model_composes
-from pipetrain.config import TrainConfig
+from pipetrain.config import DATA_PLANES, TrainConfig
 from pipetrain.data import check_num_classes
 from pipetrain.losses import get_loss
 from pipetrain.partition import StagePlan, partition
@@ -54,6 +54,8 @@ def check_settings(cfg: TrainConfig) -> None:
     _at_least(cfg.loader.prefetch_factor, 1, "loader.prefetch_factor")
     if not cfg.rpc.timeout_s > 0:
         raise ValueError(f"rpc.timeout_s: {cfg.rpc.timeout_s} must be > 0 seconds")
+    if cfg.rpc.data_plane not in DATA_PLANES:
+        raise ValueError(f"rpc.data_plane: {cfg.rpc.data_plane!r} is not one of {list(DATA_PLANES)}")
     _at_least(cfg.pipeline.replicas, 1, "pipeline.replicas")
     if cfg.train.batch_size % cfg.pipeline.num_microbatches:
         raise ValueError(

@@ -48,10 +48,12 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc)
     schedule = build_schedule_for(cfg, plan.num_stages)
     topology = Topology.of(schedule, cfg.pipeline.replicas)
-    if topology.num_replicas > 1:
+    if _uses_collectives(cfg, topology):
         join_default_group(0, world_size, cfg.rpc.timeout_s)
     try:
-        handles = start_workers(topology, schedule, build_worker_stages, (cfg, plan), cfg.rpc.timeout_s)
+        handles = start_workers(
+            topology, schedule, build_worker_stages, (cfg, plan), cfg.rpc.timeout_s, cfg.rpc.data_plane
+        )
     except StageFailure as failure:
         print(f"pipetrain: run stopped: {failure}", flush=True)
         shutdown_rpc(graceful=False)
@@ -89,11 +91,16 @@ def serve_worker(cfg: TrainConfig, topology: Topology, rank: int, world_size: in
     if cfg.log.profile_steps:
         warm_up_profiler()
     init_rpc(worker_name(topology.worker_at(rank), topology.replica_at(rank)), rank, world_size, cfg.rpc)
-    if topology.num_replicas > 1:
+    if _uses_collectives(cfg, topology):
         join_default_group(rank, world_size, cfg.rpc.timeout_s)
     shutdown_rpc(graceful=True)
     leave_default_group()
     return 0
+
+
+def _uses_collectives(cfg: TrainConfig, topology: Topology) -> bool:
+    """Whether the run needs c10d: replicas average gradients, the ``c10d`` data plane sends values."""
+    return topology.num_replicas > 1 or cfg.rpc.data_plane == "c10d"
 
 
 def _in_step(step: int | None) -> str:

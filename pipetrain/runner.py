@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -50,6 +50,7 @@ from pipetrain.timings import SpanCategory, StageReport
 __all__ = [
     "Work",
     "RemoteFetch",
+    "BoundaryChannel",
     "OptimizerStepRequest",
     "PLAIN_STEP",
     "WorkerRunner",
@@ -62,6 +63,20 @@ Work = Sequence[tuple[Action, Any, Any]]
 
 RemoteFetch = Callable[[int, Action], torch.futures.Future]
 """``fetch(worker_idx, action)``: a future of ``(output, produced_at)`` of ``action`` on another worker."""
+
+
+class BoundaryChannel(Protocol):
+    """Carries boundary values between workers by sending them (instead of the consumer fetching them from
+    the outbox): :class:`pipetrain.transport.p2p.P2PChannel`."""
+
+    def send(self, step_id: int, worker: int, action: Action, payload: Any) -> None:
+        """Send ``action``'s output, ``(value, produced_at)`` or the error that stopped it, to ``worker``."""
+        ...
+
+    def receive(self, step_id: int, worker: int, action: Action) -> torch.futures.Future:
+        """A future of ``(value, produced_at)`` of ``action``'s output from ``worker``, or of the error."""
+        ...
+
 
 _SYNC = "gradient all-reduce across replicas"
 _REPORT_EVERY_S = 0.02
@@ -152,15 +167,18 @@ class WorkerRunner:
                 f"{sorted(expected)} on it"
             )
         self._fetch_remote: RemoteFetch | None = None
+        self._channel: BoundaryChannel | None = None
         self._lock = threading.Lock()
         self._outbox: dict[Action, torch.futures.Future] = {}
         self._steps: dict[int, _StepState] = {}
         self._profiler: StepProfiler | None = None
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker{worker_idx}")
 
-    def connect(self, fetch_remote: RemoteFetch) -> None:
-        """How this worker pulls the outputs of other workers' actions."""
+    def connect(self, fetch_remote: RemoteFetch, channel: BoundaryChannel | None = None) -> None:
+        """How this worker pulls the outputs of other workers' actions; with ``channel``, how it sends and
+        receives them instead (outputs then skip the outbox)."""
         self._fetch_remote = fetch_remote
+        self._channel = channel
 
     def run_actions(
         self,
@@ -188,16 +206,14 @@ class WorkerRunner:
                 f"is {list(map(str, expected))}"
             )
         received = time.time()
-        arrivals = [self._arrival(action, value) for action, value, _ in work]
+        arrivals = [self._arrival(step_id, action, value) for action, value, _ in work]
         done = self._step(step_id).actions_done
         devices = [stage.device for stage in self.stages.values()]
         profiler = StepProfiler(self.worker_idx, devices) if profile else None
         if evaluate:
-            self._compute.submit(self._evaluate, self._step(step_id), work, arrivals, progress, done)
+            self._compute.submit(self._evaluate, step_id, work, arrivals, progress, done)
         else:
-            self._compute.submit(
-                self._run, self._step(step_id), work, arrivals, received, progress, done, profiler
-            )
+            self._compute.submit(self._run, step_id, work, arrivals, received, progress, done, profiler)
         return done
 
     def optimizer_step(
@@ -267,7 +283,7 @@ class WorkerRunner:
         with self._lock:
             return self._steps.setdefault(step_id, _StepState())
 
-    def _arrival(self, action: Action, value: Any) -> Any:
+    def _arrival(self, step_id: int, action: Action, value: Any) -> Any:
         """The future of ``(input, produced_at, arrived_at)`` of ``action``, or ``_LOCAL``."""
         producer = input_dependency(action, self.schedule)
         if producer is None:
@@ -286,11 +302,13 @@ class WorkerRunner:
                 return StageError(producer.stage_idx, _what(producer), f"{type(result).__name__}: {result}")
             return (*result, time.time())
 
+        if self._channel is not None:
+            return self._channel.receive(step_id, producer_worker, producer).then(_arrived)
         return self._fetch_remote(producer_worker, producer).then(_arrived)
 
     def _run(
         self,
-        state: _StepState,
+        step_id: int,
         work: Work,
         arrivals: Sequence[Any],
         received: float,
@@ -299,6 +317,7 @@ class WorkerRunner:
         profiler: StepProfiler | None = None,
     ) -> None:
         """The step on the compute thread (waiting here for an input blocks no transport thread)."""
+        state = self._step(step_id)
         remaining = Counter(action.stage_idx for action, _, _ in work)
         reports: dict[int, StageReport] = {}
         syncs: dict[int, _Sync] = {}
@@ -319,7 +338,7 @@ class WorkerRunner:
                     self._record_idle(action, free_at, produced_at, arrived_at)
                 with _NOT_PROFILED if profiler is None else profiler.action(action):
                     output = self._dispatch(action, value, target)
-                self._hand_over(action, output, local_outputs)
+                self._hand_over(step_id, action, output, local_outputs)
                 free_at = time.time()
                 reports_to_driver.done(position + 1)
                 remaining[action.stage_idx] -= 1
@@ -353,7 +372,7 @@ class WorkerRunner:
             if profiler is not None:
                 profiler.discard()
             failure = StageError.wrap(error, failed_stage, running)
-            self._fail_outbox(work[position:], failure)
+            self._fail_outbox(step_id, work[position:], failure)
             if not done.done():
                 done.set_result(failure)
             if not state.gradients_ready.done():
@@ -366,13 +385,14 @@ class WorkerRunner:
 
     def _evaluate(
         self,
-        state: _StepState,
+        step_id: int,
         work: Work,
         arrivals: Sequence[Any],
         progress: Callable[[int], None],
         done: torch.futures.Future,
     ) -> None:
         """An evaluation pass on the compute thread: forward actions only, then the stages' results."""
+        state = self._step(step_id)
         local_outputs: dict[Action, Any] = {}
         reports_to_driver = _ThrottledProgress(progress)
         position, failed_stage, running = 0, min(self.stages), "evaluation"
@@ -384,7 +404,7 @@ class WorkerRunner:
                 else:
                     value = _result(arrival)[0]
                 output = self.stages[action.stage_idx].evaluate(action.mb_idx, value, target)
-                self._hand_over(action, output, local_outputs)
+                self._hand_over(step_id, action, output, local_outputs)
                 reports_to_driver.done(position + 1)
             position = len(work)
             reports_to_driver.close()
@@ -394,7 +414,7 @@ class WorkerRunner:
         except Exception as error:  # every waiter learns of the failure, nothing waits forever
             reports_to_driver.close()
             failure = StageError.wrap(error, failed_stage, running)
-            self._fail_outbox(work[position:], failure)
+            self._fail_outbox(step_id, work[position:], failure)
             if not done.done():
                 done.set_result(failure)
             state.reports.set_result(failure)
@@ -468,26 +488,37 @@ class WorkerRunner:
             return stage.backward_weight(action.mb_idx)
         raise AssertionError(f"unknown action kind {kind!r}")
 
-    def _hand_over(self, action: Action, output: Any, local_outputs: dict[Action, Any]) -> None:
-        """Keep ``output`` for a consumer on this worker, or put it in the outbox for another worker."""
+    def _hand_over(self, step_id: int, action: Action, output: Any, local_outputs: dict[Action, Any]) -> None:
+        """Keep ``output`` for a consumer on this worker, or pass it on to another worker (sent, or put in
+        the outbox until it is fetched)."""
         consumer = output_consumer(action, self.schedule)
         if consumer is None:
             return
-        if self.schedule.worker_of(consumer.stage_idx) == self.worker_idx:
+        consumer_worker = self.schedule.worker_of(consumer.stage_idx)
+        if consumer_worker == self.worker_idx:
             local_outputs[action] = output
+            return
+        self.stages[action.stage_idx].record_sent(
+            sum(t.numel() * t.element_size() for t in boundary.tensor_leaves(output))
+        )
+        payload = (boundary.to_cpu(output), time.time())
+        if self._channel is not None:
+            self._channel.send(step_id, consumer_worker, action, payload)
         else:
-            self.stages[action.stage_idx].record_sent(
-                sum(t.numel() * t.element_size() for t in boundary.tensor_leaves(output))
-            )
-            self._outbox_future(action).set_result((boundary.to_cpu(output), time.time()))
+            self._outbox_future(action).set_result(payload)
 
-    def _fail_outbox(self, work: Work, failure: StageError) -> None:
+    def _fail_outbox(self, step_id: int, work: Work, failure: StageError) -> None:
+        """Tell the consumers on other workers of the outputs that ``failure`` stopped."""
         for action, _, _ in work:
             consumer = output_consumer(action, self.schedule)
-            if consumer is not None and self.schedule.worker_of(consumer.stage_idx) != self.worker_idx:
-                outbox = self._outbox_future(action)
-                if not outbox.done():
-                    outbox.set_result(failure)
+            if consumer is None or self.schedule.worker_of(consumer.stage_idx) == self.worker_idx:
+                continue
+            if self._channel is not None:
+                self._channel.send(step_id, self.schedule.worker_of(consumer.stage_idx), action, failure)
+                continue
+            outbox = self._outbox_future(action)
+            if not outbox.done():
+                outbox.set_result(failure)
 
     def _record_idle(self, action: Action, free_at: float, produced_at: float, arrived_at: float) -> None:
         if arrived_at <= free_at:

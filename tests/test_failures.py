@@ -66,6 +66,19 @@ def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, stage_idx, pha
     assert re.search(pattern, result.output), _driver_lines(result.output)
 
 
+def test_over_the_c10d_data_plane_a_killed_worker_is_named_while_its_peers_wait_to_receive(tmp_path):
+    run, markers = launch(tmp_path, "rpc.data_plane=c10d")
+    pid = wait_for_phase(run, markers, 2, "backward")
+    time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    result = run.finish(timeout=60)
+    assert result.returncode != 0
+    assert time.monotonic() - killed_at < 10
+    pattern = r"run stopped in step \d+: worker 1 \(rank 2\) failed during action 1B\d+ \(stage 1\)"
+    assert re.search(pattern, result.output), _driver_lines(result.output)
+
+
 def test_stuck_stage_is_named_after_the_timeout(tmp_path):
     run, markers = launch(tmp_path, "rpc.timeout_s=3")
     pid = wait_for_phase(run, markers, 2, "backward")
@@ -82,8 +95,9 @@ def test_stuck_stage_is_named_after_the_timeout(tmp_path):
     assert re.search(stuck, result.output), result.output[-3000:]
 
 
-def test_exception_in_a_stage_reaches_the_driver_with_its_traceback(tmp_path):
-    run, _ = launch(tmp_path, "data.num_classes=20")
+@pytest.mark.parametrize("data_plane", ["rpc", "c10d"])
+def test_exception_in_a_stage_reaches_the_driver_with_its_traceback(tmp_path, data_plane):
+    run, _ = launch(tmp_path, "data.num_classes=20", f"rpc.data_plane={data_plane}")
     result = run.finish(timeout=60)
     assert result.returncode != 0
     expected = (

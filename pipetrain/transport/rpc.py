@@ -45,6 +45,7 @@ from pipetrain.stage import Stage
 from pipetrain.topology import Topology
 from pipetrain.transport.collectives import ProcessGroupGradientSync
 from pipetrain.transport.handle import ProgressTracker
+from pipetrain.transport.p2p import P2PChannel
 
 __all__ = [
     "DRIVER_NAME",
@@ -93,9 +94,11 @@ class RpcRunner:
         board: rpc.RRef,
         replica_ranks: Sequence[int] = (),
         timeout_s: float = 60.0,
+        data_plane: str = "rpc",
     ) -> StageError | None:
         """Build this worker's stages (``factory``) and connect to the peer runners (of its replica) and
-        the board; with several ``replica_ranks``, join their gradient average (:mod:`.collectives`)."""
+        the board; with several ``replica_ranks``, join their gradient average (:mod:`.collectives`); with
+        ``data_plane="c10d"``, send boundary values over c10d (:mod:`.p2p`) instead of serving fetches."""
         first_stage = schedule.stages_of(self.worker_idx)[0]
         try:
             stages = factory(*factory_args, worker_idx=self.worker_idx)
@@ -117,7 +120,16 @@ class RpcRunner:
         def _fetch(worker: int, action: Action) -> torch.futures.Future:
             return rpc.rpc_async(peer_names[worker], _fetch_here, args=(str(action),), timeout=_NO_DEADLINE)
 
-        runner.connect(_fetch)
+        channel = None
+        if data_plane == "c10d":
+            peer_ranks = [peer.owner().id for peer in peers]
+            channel = P2PChannel(
+                worker_name(self.worker_idx, self.replica_idx),
+                peer_ranks.__getitem__,
+                schedule.num_stages,
+                schedule.num_microbatches,
+            )
+        runner.connect(_fetch, channel)
         self._runner, self._board = runner, board
         _SERVED["runner"] = self
         return None
@@ -307,10 +319,11 @@ def start_workers(
     factory: StageFactory,
     factory_args: tuple[Any, ...],
     timeout_s: float = 60.0,
+    data_plane: str = "rpc",
 ) -> list[RpcWorkerHandle]:
     """Driver: create every worker's runner (``rpc.remote``), build its stages, connect them; the handles
     (replica by replica, worker by worker). The copies of a worker in the replicas form a process group
-    with ``timeout_s`` on its collectives.
+    with ``timeout_s`` on its collectives. ``data_plane``: how boundary values travel (``rpc.data_plane``).
 
     Raises :class:`StageFailure`, naming the worker, for the first one that could not build its stages.
     """
@@ -339,6 +352,7 @@ def start_workers(
             board_rref,
             topology.replica_ranks(worker),
             timeout_s,
+            data_plane,
         )
         for replica, worker in workers
     ]
