@@ -107,13 +107,13 @@ def build_rows(settings: Settings, results: dict[Config, list[dict[str, Any]]]) 
     """One row per configuration: medians over its successful repeats, plus the relative columns."""
     rows = [config_row(settings, config, results.get(config, [])) for config in configurations(settings)]
     by_key = {(row["method"], row["m"]): row for row in rows}
+    pipelining = {(row["schedule"], row["m"]): row for row in rows if row["method"].startswith("pipelining-")}
     single = by_key.get(("single-1t", None), {}).get("samples_per_sec")
     for row in rows:
         if single and "samples_per_sec" in row:
             row["x_1t"] = row["samples_per_sec"] / single
-        if row["method"].startswith("pipetrain-") and "samples_per_sec" in row:
-            reference_name = row["method"].replace("pipetrain-", "pipelining-", 1)
-            reference = by_key.get((reference_name, row["m"]), {}).get("samples_per_sec")
+        if row["method"].startswith("pipetrain") and "samples_per_sec" in row:
+            reference = pipelining.get((row["schedule"], row["m"]), {}).get("samples_per_sec")
             if reference:
                 row["vs_pp"] = row["samples_per_sec"] / reference
     return rows

@@ -94,6 +94,7 @@ def pipetrain_command(settings: Settings, config: Config, run_dir: Path) -> list
         f"train.steps={settings.steps}",
         "train.log_every=1",
         "checkpoint.at_end=false",
+        f"rpc.data_plane={config.data_plane}",
         *settings.pipetrain_overrides,
     ]
 

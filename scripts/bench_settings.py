@@ -72,6 +72,8 @@ class Settings:
     stage_threads: int
     run_timeout_s: float
     pipetrain_overrides: tuple[str, ...] = ()
+    data_planes: tuple[str, ...] = ("rpc",)
+    """pipetrain's ``rpc.data_plane`` values, one set of pipetrain rows each."""
 
     @property
     def num_workers(self) -> int:
@@ -92,6 +94,8 @@ class Config:
     schedule: str | None = None
     num_microbatches: int | None = None
     threads: int | None = None
+    data_plane: str = "rpc"
+    """pipetrain's ``rpc.data_plane`` (rows named ``pipetrain+c10d-...`` for ``c10d``)."""
 
     @property
     def name(self) -> str:
@@ -99,7 +103,8 @@ class Config:
         if self.method == "single":
             return f"single-{self.threads}t"
         assert self.schedule is not None
-        return f"{self.method}-{SHORT_NAMES[self.schedule]}"
+        method = self.method if self.data_plane == "rpc" else f"{self.method}+{self.data_plane}"
+        return f"{method}-{SHORT_NAMES[self.schedule]}"
 
 
 def parse_args(argv: Sequence[str] | None = None, description: str = "") -> argparse.Namespace:
@@ -133,6 +138,11 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "") -> argp
         default=[],
         metavar="KEY=VALUE",
         help="extra Hydra override for the pipetrain runs (repeatable), e.g. rpc.transports=null",
+    )
+    parser.add_argument(
+        "--data-planes",
+        default="rpc",
+        help="comma-separated rpc.data_plane values of the pipetrain rows, e.g. rpc,c10d (default rpc)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, m = 4, 1 repeat, 4 steps")
     parser.add_argument("--out", type=Path, default=Path("bench_results"), help="<out>.json, <out>.csv")
@@ -171,6 +181,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         stage_threads=args.stage_threads,
         run_timeout_s=args.run_timeout,
         pipetrain_overrides=tuple(args.pipetrain_override),
+        data_planes=tuple(args.data_planes.split(",")),
     )
     check_settings(settings)
     return settings
@@ -263,8 +274,9 @@ def configurations(settings: Settings) -> list[Config]:
     """The configurations of one round, in the order they are measured."""
     configs = [Config("single", threads=1), Config("single", threads=2)]
     for m in settings.microbatches:
-        for method in ("pipetrain", "pipelining"):
-            configs += [Config(method, schedule, m) for schedule in settings.schedules]
+        for plane in settings.data_planes:
+            configs += [Config("pipetrain", schedule, m, data_plane=plane) for schedule in settings.schedules]
+        configs += [Config("pipelining", schedule, m) for schedule in settings.schedules]
     return configs
 
 

@@ -104,3 +104,25 @@ def test_zero_bubble_rows_run_the_same_split_as_pytorchs(bench_settings):
     zb_h1 = bench_settings.run_overrides(settings, by_name["pipetrain-zb_h1"])
     assert "pipeline.balance=[3,3]" in zb_h1 and "schedule=zb_h1" in zb_h1
     assert not any(bench_settings.unsupported(settings, config) for config in by_name.values())
+
+
+def test_data_plane_rows_train_over_c10d_and_compare_with_the_same_pytorch_schedule(
+    bench_settings, monkeypatch
+):
+    """``--data-planes rpc,c10d``: one set of pipetrain rows per data plane, each compared with PyTorch's."""
+    import bench_report
+    import bench_runs
+
+    args = bench_settings.parse_args(["--quick", "--schedules", "1f1b", "--data-planes", "rpc,c10d"])
+    settings = bench_settings.settings_from_args(args)
+    by_name = {config.name: config for config in bench_settings.configurations(settings)}
+    assert {"pipetrain-1f1b", "pipetrain+c10d-1f1b", "pipelining-1f1b"} <= by_name.keys()
+    command = bench_runs.pipetrain_command(settings, by_name["pipetrain+c10d-1f1b"], Path("run"))
+    assert "rpc.data_plane=c10d" in command
+    step_times = {"pipetrain-1f1b": 0.2, "pipetrain+c10d-1f1b": 0.1, "pipelining-1f1b": 0.4}
+    results = {
+        by_name[name]: [{"step_time_s": seconds, "loss_step1": 2.3}] for name, seconds in step_times.items()
+    }
+    rows = {row["method"]: row for row in bench_report.build_rows(settings, results)}
+    assert rows["pipetrain-1f1b"]["vs_pp"] == pytest.approx(2.0)
+    assert rows["pipetrain+c10d-1f1b"]["vs_pp"] == pytest.approx(4.0)
