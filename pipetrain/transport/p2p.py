@@ -4,8 +4,10 @@ With the default data plane (``rpc``), a consumer pulls each boundary value from
 call, answered once the value exists: a request, a reply carried by TensorPipe, Python callbacks on the RPC
 threads of both processes. Here the producer sends each value as soon as it exists (``isend``, from its
 compute thread) and the consumer posts its receives when the step arrives; the bytes move in gloo's C++
-threads (NCCL's on CUDA would be the same calls). RPC still carries every request, reply and reference; only
-the tensors of the boundary values take this path, and it keeps working without TensorPipe's data channels.
+threads. RPC still carries every request, reply and reference; only the boundary values take this path, and
+it needs none of TensorPipe's data channels. Values travel through host memory, as over RPC (a CUDA stage
+moves its outputs to the CPU and its inputs to its device); sending device to device would take an NCCL
+group with the same calls.
 
 **Wire format of one value.** c10d receives need their sizes in advance, and a value is a pytree
 (:mod:`pipetrain.boundary`) whose shapes the consumer does not know. So a value goes as:
