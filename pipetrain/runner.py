@@ -6,7 +6,8 @@ micro-batches and the last stage's targets), requests every input that another w
 then runs the actions one at a time, each as soon as its input is there, with one dispatch over the action
 kinds (``F``, ``B``, and the split backward's ``I`` and ``W``). An output whose consumer is a stage of the
 same worker is handed over in-process (no copy, no transport); one whose consumer lives elsewhere waits
-in the outbox until that worker fetches it.
+in the outbox until that worker fetches it, or, given a :class:`BoundaryChannel` (the c10d data plane), is
+sent to it.
 
 The optimizer step is a phase of its own: the driver asks for it (:meth:`WorkerRunner.optimizer_step`)
 after sending the actions, and each stage steps as soon as its own actions are done and the request is
@@ -43,6 +44,7 @@ from pipetrain import boundary
 from pipetrain.failures import StageError
 from pipetrain.gradient_sync import GradientSync
 from pipetrain.profiling import StepProfiler, WorkerProfile
+from pipetrain.progress import DeferredCalls, ThrottledProgress
 from pipetrain.schedule import Action, ActionKind, Schedule, input_dependency, output_consumer
 from pipetrain.stage import Stage
 from pipetrain.timings import SpanCategory, StageReport
@@ -79,8 +81,6 @@ class BoundaryChannel(Protocol):
 
 
 _SYNC = "gradient all-reduce across replicas"
-_REPORT_EVERY_S = 0.02
-"""How often at most a worker reports its progress to the driver (see _ThrottledProgress)."""
 _LOCAL = object()
 _NOT_PROFILED = nullcontext()
 """The scope of an action, a wait or an optimizer step when the step is not profiled."""
@@ -173,6 +173,7 @@ class WorkerRunner:
         self._steps: dict[int, _StepState] = {}
         self._profiler: StepProfiler | None = None
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker{worker_idx}")
+        self._deferred = DeferredCalls(f"worker{worker_idx}-reports")
 
     def connect(self, fetch_remote: RemoteFetch, channel: BoundaryChannel | None = None) -> None:
         """How this worker pulls the outputs of other workers' actions; with ``channel``, how it sends and
@@ -191,12 +192,12 @@ class WorkerRunner:
         """Start the step's actions; the future completes (``None``, or the error) when all have run.
 
         ``progress(n)`` is called when the first ``n`` actions are done: at once after a quiet spell, else
-        merged with the following ones into one call at most 20 ms later (from a timer thread); the last
-        ones may go unreported, as the returned future says all are done. With
-        ``profile``, the step runs under ``torch.profiler`` until its optimizer steps are done; then
-        :meth:`collect_profile` hands the profile out. With ``evaluate``, ``work`` is the forward actions
-        only (:meth:`Schedule.forward_only`), run by :meth:`Stage.evaluate`; no optimizer step follows,
-        :meth:`evaluation_reports` collects the results.
+        merged with the following ones into one call at most 20 ms later, from the worker's thread for
+        deferred reports (:mod:`pipetrain.progress`); the last ones may go unreported, as the returned
+        future says all are done. With ``profile``, the step runs under ``torch.profiler`` until its
+        optimizer steps are done; then :meth:`collect_profile` hands the profile out. With ``evaluate``,
+        ``work`` is the forward actions only (:meth:`Schedule.forward_only`), run by
+        :meth:`Stage.evaluate`; no optimizer step follows, :meth:`evaluation_reports` collects the results.
         """
         actions = tuple(action for action, _, _ in work)
         expected = self._forward_order if evaluate else self._order
@@ -321,7 +322,7 @@ class WorkerRunner:
         remaining = Counter(action.stage_idx for action, _, _ in work)
         reports: dict[int, StageReport] = {}
         syncs: dict[int, _Sync] = {}
-        reports_to_driver = _ThrottledProgress(progress)
+        reports_to_driver = ThrottledProgress(progress, self._deferred)
         local_outputs: dict[Action, Any] = {}
         free_at = received
         position, failed_stage, running = 0, min(self.stages), "optimizer step"
@@ -372,7 +373,7 @@ class WorkerRunner:
             if profiler is not None:
                 profiler.discard()
             failure = StageError.wrap(error, failed_stage, running)
-            self._fail_outbox(step_id, work[position:], failure)
+            self._fail_consumers(step_id, work[position:], failure)
             if not done.done():
                 done.set_result(failure)
             if not state.gradients_ready.done():
@@ -394,7 +395,7 @@ class WorkerRunner:
         """An evaluation pass on the compute thread: forward actions only, then the stages' results."""
         state = self._step(step_id)
         local_outputs: dict[Action, Any] = {}
-        reports_to_driver = _ThrottledProgress(progress)
+        reports_to_driver = ThrottledProgress(progress, self._deferred)
         position, failed_stage, running = 0, min(self.stages), "evaluation"
         try:
             for position, ((action, _, target), arrival) in enumerate(zip(work, arrivals, strict=True)):
@@ -414,7 +415,7 @@ class WorkerRunner:
         except Exception as error:  # every waiter learns of the failure, nothing waits forever
             reports_to_driver.close()
             failure = StageError.wrap(error, failed_stage, running)
-            self._fail_outbox(step_id, work[position:], failure)
+            self._fail_consumers(step_id, work[position:], failure)
             if not done.done():
                 done.set_result(failure)
             state.reports.set_result(failure)
@@ -507,14 +508,17 @@ class WorkerRunner:
         else:
             self._outbox_future(action).set_result(payload)
 
-    def _fail_outbox(self, step_id: int, work: Work, failure: StageError) -> None:
+    def _fail_consumers(self, step_id: int, work: Work, failure: StageError) -> None:
         """Tell the consumers on other workers of the outputs that ``failure`` stopped."""
         for action, _, _ in work:
             consumer = output_consumer(action, self.schedule)
             if consumer is None or self.schedule.worker_of(consumer.stage_idx) == self.worker_idx:
                 continue
             if self._channel is not None:
-                self._channel.send(step_id, self.schedule.worker_of(consumer.stage_idx), action, failure)
+                try:
+                    self._channel.send(step_id, self.schedule.worker_of(consumer.stage_idx), action, failure)
+                except Exception:  # the channel itself broke: the consumer's receive fails on its own
+                    return
                 continue
             outbox = self._outbox_future(action)
             if not outbox.done():
@@ -532,56 +536,6 @@ class WorkerRunner:
     def _outbox_future(self, action: Action) -> torch.futures.Future:
         with self._lock:
             return self._outbox.setdefault(action, torch.futures.Future())
-
-
-class _ThrottledProgress:
-    """A step's progress reports to the driver, at most one per ``_REPORT_EVERY_S``.
-
-    Each report costs CPU on both sides (a message on the worker, bookkeeping on the driver), and short
-    actions run back to back would send one each. The first report after a quiet spell goes at once; the
-    ones that follow within ``_REPORT_EVERY_S`` are merged into one, sent by a timer when that time is up.
-    So the driver, which needs them only to name the action a dead or stuck worker was running, hears of
-    every action at most ``_REPORT_EVERY_S`` after its end.
-    """
-
-    def __init__(self, report: Callable[[int], None]) -> None:
-        self._report = report
-        self._lock = threading.Lock()
-        self._reported_at = -_REPORT_EVERY_S
-        self._latest = 0
-        self._timer: threading.Timer | None = None
-
-    def done(self, count: int) -> None:
-        """The first ``count`` actions of the step are done."""
-        with self._lock:
-            self._latest = count
-            if self._timer is not None:  # a merged report is on its way: it will carry this count
-                return
-            now = time.monotonic()
-            wait_s = self._reported_at + _REPORT_EVERY_S - now
-            if wait_s > 0:
-                self._timer = threading.Timer(wait_s, self._send_merged)
-                self._timer.daemon = True
-                self._timer.start()
-                return
-            self._reported_at = now
-        self._report(count)
-
-    def close(self) -> None:
-        """The step is over (its future says so): drop a report still waiting."""
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-    def _send_merged(self) -> None:
-        with self._lock:
-            if self._timer is None:  # closed meanwhile
-                return
-            self._timer = None
-            self._reported_at = time.monotonic()
-            count = self._latest
-        self._report(count)
 
 
 def _when_all_done(outcomes: Sequence[torch.futures.Future], target: torch.futures.Future) -> None:

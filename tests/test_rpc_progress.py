@@ -6,12 +6,14 @@ here: which ``done`` futures a report, a late report, and the stage's reply comp
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
 
 from pipetrain.failures import StageError
-from pipetrain.runner import _ThrottledProgress, completed
+from pipetrain.progress import DeferredCalls, ThrottledProgress
+from pipetrain.runner import completed
 from pipetrain.transport.handle import ProgressTracker
 from pipetrain.transport.rpc import ProgressBoard
 
@@ -52,9 +54,9 @@ def test_a_failed_step_fails_the_actions_not_reported_done_with_its_error():
     assert all(future.done() for future in done)
 
 
-def test_reports_within_20_ms_of_each_other_merge_into_one_sent_by_a_timer():
+def test_reports_within_20_ms_of_each_other_merge_into_one_sent_later():
     sent: list[int] = []
-    progress = _ThrottledProgress(sent.append)
+    progress = ThrottledProgress(sent.append, DeferredCalls("reports"))
     progress.done(1)  # after a quiet spell: at once
     assert sent == [1]
     for count in range(2, 6):  # actions back to back, well within 20 ms
@@ -69,3 +71,17 @@ def test_reports_within_20_ms_of_each_other_merge_into_one_sent_by_a_timer():
     progress.close()  # the step is over: the waiting report is dropped
     time.sleep(0.1)
     assert sent == [1, 5, 6]
+
+
+def test_deferred_calls_run_in_due_order_on_one_long_lived_thread():
+    later = DeferredCalls("deferred-order")
+    calls: list[tuple[str, str]] = []
+    now = time.monotonic()
+    later.call_at(now + 0.2, lambda: calls.append(("late", threading.current_thread().name)))
+    later.call_at(now + 0.05, lambda: calls.append(("early", threading.current_thread().name)))
+    time.sleep(0.12)  # the earlier call, added second, did not wait for the later one
+    assert calls == [("early", "deferred-order")]
+    time.sleep(0.2)
+    assert calls == [("early", "deferred-order"), ("late", "deferred-order")]
+    threads = [thread for thread in threading.enumerate() if thread.name == "deferred-order"]
+    assert len(threads) == 1
