@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -287,6 +288,15 @@ def wait_for_phase(run: Launched, markers: Path, rank: int, phase: str, timeout:
 def run_command(args: list[str], timeout: float, cwd: str | os.PathLike | None = None, env=None) -> Finished:
     """Run ``args`` to completion (see :class:`Launched`)."""
     return Launched(args, cwd=cwd, env=env).finish(timeout)
+
+
+def train_equals_unsplit(run_dir: Path, overrides: list[str], timeout: float = 200, env=None):
+    """``python -m pipetrain.train run_dir=<run_dir> <overrides>`` (in ``run_dir``) succeeds and equals the
+    unsplit model (:func:`assert_run_equals_unsplit`); return its output and ``metrics.jsonl`` entries."""
+    args = [sys.executable, "-m", "pipetrain.train", f"run_dir={run_dir}", *overrides]
+    result = run_command(args, timeout, cwd=run_dir, env=env)
+    assert result.returncode == 0, result.output[-4000:]
+    return result.output, assert_run_equals_unsplit(run_dir, overrides)
 
 
 def tagged_pids(tag: str) -> list[int]:

@@ -16,11 +16,10 @@ import time
 import pytest
 import torch
 from conftest import (
-    assert_run_equals_unsplit,
     assert_same_training,
     launch_with_markers,
     make_config,
-    run_command,
+    train_equals_unsplit,
     train_pipelined,
     train_unsplit,
     wait_for_phase,
@@ -163,12 +162,8 @@ def test_rpc_interleaved_training_equals_unsplit(tmp_path, layout):
         "schedule=interleaved_1f1b",
         *INTERLEAVED_RUNS[layout],
     ]
-    result = run_command(
-        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 200, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.output[-4000:]
-    assert "on 2 workers" in result.output or "on 3 workers" in result.output
-    logged = assert_run_equals_unsplit(tmp_path, overrides)
+    output, logged = train_equals_unsplit(tmp_path, overrides)
+    assert "on 2 workers" in output or "on 3 workers" in output
     assert {f"worker{k}/busy_s" for k in range(2)} <= logged[-1].keys()
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import pytest
 from conftest import (
-    assert_run_equals_unsplit,
     assert_same_training,
     make_config,
-    run_command,
+    train_equals_unsplit,
     train_pipelined,
     train_unsplit,
 )
@@ -94,16 +92,12 @@ def test_rpc_zero_bubble_training_equals_unsplit(tmp_path, run):
         "pipeline.num_microbatches=4",
         *RPC_RUNS[run],
     ]
-    result = run_command(
-        [sys.executable, "-m", "pipetrain.train", f"run_dir={tmp_path}", *overrides], 200, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.output[-4000:]
-    logged = assert_run_equals_unsplit(tmp_path, overrides)
+    output, logged = train_equals_unsplit(tmp_path, overrides)
     num_workers = 2 if run.startswith("zb_h1") else 3
     for k in range(num_workers):  # the split backward's halves ran on every worker
         assert logged[-1][f"worker{k}/busy_w_s"] > 0
         assert logged[-1][f"worker{k}/busy_b_s"] == 0
-    assert "cannot be split" not in result.output
+    assert "cannot be split" not in output
 
 
 def test_config_groups_and_checks_before_launch():
