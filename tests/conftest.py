@@ -34,6 +34,17 @@ from pipetrain.transport import local_replicas, local_workers
 
 TESTS_DIR = Path(__file__).resolve().parent
 
+SMALL_SGD_RUN = [
+    "model.hidden=32",
+    "train.batch_size=16",
+    "train.steps=6",
+    "train.log_every=1",
+    "optim=sgd",
+    "optim.lr=0.1",
+    "optim.momentum=0.9",
+]
+"""Overrides of a short real run (6 steps of a 32-wide MLP, SGD with momentum) for parity tests."""
+
 MODEL_SPECS = {
     "mlp": {
         "_target_": "pipetrain.models.mlp.mlp",

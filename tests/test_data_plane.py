@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from conftest import TESTS_DIR, train_equals_unsplit
+from conftest import SMALL_SGD_RUN, TESTS_DIR, train_equals_unsplit
 
 from pipetrain.failures import StageError
 from pipetrain.schedule import Action, ActionKind, build_schedule
@@ -104,16 +104,6 @@ def test_channel_carries_nested_values_errors_and_long_headers_and_fails_when_th
     assert waited_s < 20, f"a receive from a dead producer took {waited_s:.1f} s to fail"
 
 
-SMALL = [
-    "model.hidden=32",
-    "train.batch_size=16",
-    "train.steps=6",
-    "train.log_every=1",
-    "optim=sgd",
-    "optim.lr=0.1",
-    "optim.momentum=0.9",
-    "rpc.data_plane=c10d",
-]
 RUNS = {
     "1f1b-3-workers": ["schedule=1f1b", "pipeline.balance=[2,2,2]", "pipeline.num_microbatches=4"],
     "zb_v-2-workers": ["schedule=zb_v", "pipeline.balance=[2,1,2,1]"],
@@ -136,4 +126,4 @@ RUNS = {
 @pytest.mark.parametrize("run", sorted(RUNS))
 def test_training_over_the_c10d_data_plane_equals_unsplit(tmp_path, run):
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    train_equals_unsplit(tmp_path, [*SMALL, *RUNS[run]], env=env)
+    train_equals_unsplit(tmp_path, [*SMALL_SGD_RUN, "rpc.data_plane=c10d", *RUNS[run]], env=env)

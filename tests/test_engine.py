@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 from conftest import (
+    SMALL_SGD_RUN,
     assert_same_training,
     launch_with_markers,
     make_config,
@@ -151,17 +152,7 @@ INTERLEAVED_RUNS = {
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("layout", sorted(INTERLEAVED_RUNS))
 def test_rpc_interleaved_training_equals_unsplit(tmp_path, layout):
-    overrides = [
-        "model.hidden=32",
-        "train.batch_size=16",
-        "train.steps=6",
-        "train.log_every=1",
-        "optim=sgd",
-        "optim.lr=0.1",
-        "optim.momentum=0.9",
-        "schedule=interleaved_1f1b",
-        *INTERLEAVED_RUNS[layout],
-    ]
+    overrides = [*SMALL_SGD_RUN, "schedule=interleaved_1f1b", *INTERLEAVED_RUNS[layout]]
     output, logged = train_equals_unsplit(tmp_path, overrides)
     assert "on 2 workers" in output or "on 3 workers" in output
     assert {f"worker{k}/busy_s" for k in range(2)} <= logged[-1].keys()
