@@ -93,6 +93,11 @@ class TrainLoopConfig:
     """Clip the gradients of *all* stages together to this 2-norm, exactly as
     ``torch.nn.utils.clip_grad_norm_`` on the unsplit model; a step whose norm is not finite is skipped
     on every stage. ``null``: no clipping."""
+    submit_ahead: bool = True
+    """Hand the workers the next step while the current one runs, so that each starts it as soon as it is
+    done with this one, not after the driver has collected, logged and sent again. Only where nothing must
+    happen between the two steps: not after a step that saves a checkpoint, evaluates or is profiled, and
+    not with ``clip_grad_norm`` (the optimizer steps wait for the driver's scale)."""
     max_restarts: int = 0
     """Times torchrun restarts the run's processes after one of them fails (its ``--max-restarts``);
     each restart resumes from the newest complete checkpoint of the run directory by itself (none yet:

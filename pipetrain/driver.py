@@ -32,7 +32,7 @@ from pipetrain.checkpoint import (
 )
 from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder, EvalBatches
-from pipetrain.executor import StageLabels, execute, wait_all
+from pipetrain.executor import LaunchedStep, StageLabels, execute, launch, wait_all
 from pipetrain.failures import RunStopped, StageFailure, interrupt_requested, stop_requested
 from pipetrain.grad_clip import GlobalNorm
 from pipetrain.loader import DataError, step_batches
@@ -43,7 +43,7 @@ from pipetrain.schedule import Schedule
 from pipetrain.timings import StageReport
 from pipetrain.transport.handle import WorkerHandle
 
-__all__ = ["StepResult", "split_microbatches", "run_step", "Driver"]
+__all__ = ["StepResult", "StepInFlight", "split_microbatches", "launch_step", "run_step", "Driver"]
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,14 @@ class StepResult:
     """Mean loss over the batch (sum of the micro-batch contributions)."""
     reports: tuple[StageReport, ...]
     window_s: float
-    """Wall time of the schedule's execution, from the first action issued to the last one done."""
+    """Wall time of the schedule's execution: from when the first worker began the step (its request
+    there and its previous step done) to when the driver knew the last action done."""
     step_time_s: float
     """Wall time of the whole step, optimizer steps included (in training: since the previous step ended,
     so loading the batch, logging and checkpoints count too)."""
     data_time_s: float = 0.0
-    """Time the driver waited for the step's batch."""
+    """Time the driver spent taking batches within ``step_time_s`` (with ``train.submit_ahead``, the next
+    step's batch is taken while this step runs)."""
     started_at: float = 0.0
     """The driver's wall clock when it began the step's execution (``ts`` 0 of the step's profile)."""
     clipped: GlobalNorm | None = None
@@ -85,6 +87,68 @@ def split_microbatches(
     return boundary.split(inputs, num_microbatches), boundary.split(targets, num_microbatches)
 
 
+class StepInFlight:
+    """A step handed to the workers (:func:`launch_step`); :meth:`finish` waits for its result."""
+
+    def __init__(self, launched: LaunchedStep, submitted_at: float, num_replicas: int) -> None:
+        self.launched = launched
+        self.submitted_at = submitted_at
+        """The driver's wall clock when it handed out the step."""
+        self.num_replicas = num_replicas
+
+    def finish(self) -> StepResult:
+        """Wait for the step; its loss, reports and timings."""
+        executed = self.launched.finish()
+        loss = sum(sum(reports[-1].losses) for reports in executed.replica_reports) / self.num_replicas
+        worker_starts = [
+            report.started_at
+            for reports in executed.replica_reports
+            for report in reports
+            if report.started_at is not None
+        ]
+        # Handed out ahead, the step begins only when the workers are done with the one before.
+        began = max([self.submitted_at, min(worker_starts)] if worker_starts else [self.submitted_at])
+        return StepResult(
+            loss,
+            executed.reports,
+            executed.actions_done_at - began,
+            time.time() - self.submitted_at,
+            started_at=self.submitted_at,
+            clipped=executed.clipped,
+            replica_reports=executed.replica_reports,
+        )
+
+
+def launch_step(
+    handles: Sequence[WorkerHandle],
+    schedule: Schedule,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    num_microbatches: int,
+    timeout_s: float | None = None,
+    profile: bool = False,
+    clip_grad_norm: float | None = None,
+) -> StepInFlight:
+    """Hand one optimizer step to the workers (see :func:`run_step`) and return without waiting.
+
+    Without ``clip_grad_norm``, the next step may be started before this one is finished: each worker
+    runs its steps in the order they were started (:func:`pipetrain.executor.launch`).
+    """
+    start = time.time()
+    num_replicas = len({handle.replica_idx for handle in handles})
+    micro_inputs, micro_targets = split_microbatches(inputs, targets, num_replicas * num_microbatches)
+    launched = launch(
+        schedule,
+        handles,
+        micro_inputs,
+        micro_targets,
+        timeout_s=timeout_s,
+        profile=profile,
+        clip_grad_norm=clip_grad_norm,
+    )
+    return StepInFlight(launched, start, num_replicas)
+
+
 def run_step(
     handles: Sequence[WorkerHandle],
     schedule: Schedule,
@@ -102,29 +166,9 @@ def run_step(
     With ``profile``, the workers of replica 0 run it under ``torch.profiler`` (:mod:`pipetrain.profiling`);
     with ``clip_grad_norm``, the gradients are clipped to that global norm first (:mod:`pipetrain.grad_clip`).
     """
-    start = time.time()
-    num_replicas = len({handle.replica_idx for handle in handles})
-    micro_inputs, micro_targets = split_microbatches(inputs, targets, num_replicas * num_microbatches)
-    executed = execute(
-        schedule,
-        handles,
-        micro_inputs,
-        micro_targets,
-        timeout_s=timeout_s,
-        profile=profile,
-        clip_grad_norm=clip_grad_norm,
-    )
-    loss = sum(sum(reports[-1].losses) for reports in executed.replica_reports) / num_replicas
-    window_s = executed.actions_done_at - start
-    return StepResult(
-        loss,
-        executed.reports,
-        window_s,
-        time.time() - start,
-        started_at=start,
-        clipped=executed.clipped,
-        replica_reports=executed.replica_reports,
-    )
+    return launch_step(
+        handles, schedule, inputs, targets, num_microbatches, timeout_s, profile, clip_grad_norm
+    ).finish()
 
 
 class Driver:
@@ -170,25 +214,30 @@ class Driver:
         try:
             self._before_first_step()
             previous_end = time.time()
-            for step in range(start_step, cfg.train.steps):
-                if stop_requested():
-                    raise RunStopped("stop requested")
-                if interrupt_requested():
-                    self._stop_interrupted(step)
-                    break
+            in_flight: tuple[int, StepInFlight] | None = None
+            loading_s = 0.0  # spent taking batches since previous_end, whichever step they are for
+            next_step = start_step
+            while in_flight is not None or next_step < cfg.train.steps:
+                if in_flight is None:
+                    if stop_requested():
+                        raise RunStopped("stop requested")
+                    if interrupt_requested():
+                        self._stop_interrupted(next_step)
+                        break
+                    in_flight, data_time_s = self._start(next_step, batches)
+                    loading_s += data_time_s
+                    next_step += 1
+                step, running = in_flight
+                ahead, deferred = None, None
+                if next_step < cfg.train.steps and self._may_start_ahead(step + 1):
+                    try:
+                        ahead, data_time_s = self._start(next_step, batches)
+                        loading_s += data_time_s
+                        next_step += 1
+                    except DataError as error:  # said once the step in flight is recorded
+                        deferred = error
                 with _naming_step(step + 1):
-                    inputs, targets = next(batches)
-                    data_time_s = time.time() - previous_end
-                    result = run_step(
-                        self.handles,
-                        self.schedule,
-                        inputs,
-                        targets,
-                        cfg.pipeline.num_microbatches,
-                        timeout_s=cfg.rpc.timeout_s,
-                        profile=step + 1 in cfg.log.profile_steps,
-                        clip_grad_norm=cfg.train.clip_grad_norm,
-                    )
+                    result = running.finish()
                 if result.clipped is not None and not result.clipped.finite:
                     self.print_fn(
                         f"pipetrain: step {step + 1} skipped on every stage: the gradient norm is "
@@ -196,12 +245,16 @@ class Driver:
                     )
                 losses.append(result.loss)
                 step_end = time.time()
-                result = dataclasses.replace(
-                    result, step_time_s=step_end - previous_end, data_time_s=data_time_s
-                )
+                step_time_s, previous_end = step_end - previous_end, step_end
+                result = dataclasses.replace(result, step_time_s=step_time_s, data_time_s=loading_s)
+                loading_s = 0.0
                 evaluation = self.evaluate(step + 1) if self._evaluation_due(step + 1) else None
                 last_metrics = self._record(step + 1, result, evaluation) or last_metrics
-                previous_end = step_end + (time.time() - step_end if evaluation is not None else 0.0)
+                if evaluation is not None:  # not part of the next step's time
+                    previous_end = time.time()
+                if deferred is not None:
+                    raise deferred
+                in_flight = ahead
             if self.logger is not None and last_metrics is not None:
                 status = "ok" if self.interrupted_after is None else "interrupted"
                 self.logger.log_hparams(_hparams(cfg), status)
@@ -210,6 +263,46 @@ class Driver:
             if self.logger is not None:
                 self.logger.close()
         return losses
+
+    def _start(self, step: int, batches: Iterator[Any]) -> tuple[tuple[int, StepInFlight], float]:
+        """Take step ``step``'s batch (0-based) and hand the step to the workers; with the time it took to
+        get the batch."""
+        cfg = self.cfg
+        with _naming_step(step + 1):
+            waited_from = time.time()
+            inputs, targets = next(batches)
+            data_time_s = time.time() - waited_from
+            running = launch_step(
+                self.handles,
+                self.schedule,
+                inputs,
+                targets,
+                cfg.pipeline.num_microbatches,
+                timeout_s=cfg.rpc.timeout_s,
+                profile=step + 1 in cfg.log.profile_steps,
+                clip_grad_norm=cfg.train.clip_grad_norm,
+            )
+        return (step, running), data_time_s
+
+    def _may_start_ahead(self, steps_done: int) -> bool:
+        """Whether the step after ``steps_done`` may go to the workers before that step is back: not when
+        something must happen between the two (``train.submit_ahead``)."""
+        cfg = self.cfg
+        return (
+            cfg.train.submit_ahead
+            and cfg.train.clip_grad_norm is None
+            and not (stop_requested() or interrupt_requested())
+            and not self._evaluation_due(steps_done)
+            and not self._checkpoint_due(steps_done)
+            and steps_done not in cfg.log.profile_steps
+            and steps_done + 1 not in cfg.log.profile_steps
+        )
+
+    def _checkpoint_due(self, steps_done: int) -> bool:
+        cfg = self.cfg
+        every_due = bool(cfg.checkpoint.every) and steps_done % cfg.checkpoint.every == 0
+        at_end = steps_done == cfg.train.steps and cfg.checkpoint.at_end
+        return self.run_dir is not None and (every_due or at_end)
 
     def _before_first_step(self) -> None:
         """Remove checkpoints that killed runs left unfinished; say what a resume changes."""
@@ -293,8 +386,7 @@ class Driver:
             self.logger.write_trace(steps_done, result.reports, self.schedule.placement)
         if steps_done in cfg.log.profile_steps:
             self._write_profile(steps_done, result)
-        checkpoint_due = cfg.checkpoint.every and steps_done % cfg.checkpoint.every == 0
-        if self.run_dir is not None and (checkpoint_due or (is_last and cfg.checkpoint.at_end)):
+        if self._checkpoint_due(steps_done):
             self.save_checkpoint(steps_done)
         return metrics
 

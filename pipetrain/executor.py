@@ -24,7 +24,8 @@ from pipetrain.schedule import Action, ActionKind, Schedule, dependencies, execu
 from pipetrain.timings import StageReport
 from pipetrain.transport.handle import WorkerHandle
 
-__all__ = ["ExecutedStep", "StageFailure", "StageLabels", "execute", "wait_all"]  # StageFailure re-exported
+# StageFailure is re-exported.
+__all__ = ["ExecutedStep", "LaunchedStep", "StageFailure", "StageLabels", "execute", "launch", "wait_all"]
 
 _NAME_THE_CAUSE_S = 3.0
 _POLL_STOP_S = 0.1
@@ -69,6 +70,28 @@ def execute(
     Raises :class:`StageFailure` for the first action or step to fail, or when nothing completes for
     ``timeout_s`` seconds.
     """
+    return launch(schedule, handles, inputs, targets, timeout_s, profile, clip_grad_norm, evaluate).finish()
+
+
+def launch(
+    schedule: Schedule,
+    handles: Sequence[WorkerHandle],
+    inputs: Sequence[Any],
+    targets: Sequence[Any],
+    timeout_s: float | None = None,
+    profile: bool = False,
+    clip_grad_norm: float | None = None,
+    evaluate: bool = False,
+) -> LaunchedStep:
+    """Hand every worker its actions of the step and, without clipping, its optimizer-step request; wait
+    for nothing. :meth:`LaunchedStep.finish` waits for the step (arguments as for :func:`execute`).
+
+    A worker runs its steps one after the other, in the order they were launched, so the next step can be
+    launched before this one is finished, once every request of this one is out: that is at once
+    without ``clip_grad_norm`` (with it, the optimizer steps are requested in :meth:`LaunchedStep.finish`,
+    after the gradient norms are in). The worker then starts the next step as soon as it is done with
+    this one, without waiting for the driver.
+    """
     order, stuck = execution_order(schedule)
     if stuck:
         raise RuntimeError(
@@ -95,8 +118,6 @@ def execute(
     replicas = sorted({handle.replica_idx for handle in handles})
     # Interleaved across replicas, so "the earliest unfinished action" means the same in each.
     issued = [((replica, action), done[(replica, action)]) for action in order for replica in replicas]
-    actions_done_at = torch.futures.collect_all([future for _, future in issued]).then(lambda _: time.time())
-    worker_labels = {(handle.replica_idx, handle.worker_idx): handle.label for handle in handles}
     # With clipping, the stages step only once every worker's gradient norms are in; otherwise each
     # worker is asked for its step right away and steps each stage as soon as that stage is done.
     if evaluate:
@@ -105,68 +126,107 @@ def execute(
         after_actions = [(handle, "optimizer step", handle.optimizer_step()) for handle in handles]
     else:
         after_actions = [(handle, "gradient norms", handle.gradient_norms()) for handle in handles]
-    # Entry i of the wait: action i of the execution order, then each worker's request after its actions.
-    entry_workers = [(replica, schedule.worker_of(action.stage_idx)) for (replica, action), _ in issued]
-    entry_workers += [(handle.replica_idx, handle.worker_idx) for handle, _, _ in after_actions]
+    return LaunchedStep(schedule, list(handles), issued, after_actions, timeout_s, clip_grad_norm, evaluate)
 
-    def _label(entry: int, stage_idx: int) -> str:
-        """The worker hosting ``stage_idx`` in the replica of wait entry ``entry``."""
-        return worker_labels[(entry_workers[entry][0], schedule.worker_of(stage_idx))]
 
-    def _blame(ok: list[bool], failed_index: int | None) -> int:
-        """The entry to name: what the failed worker was running, or what is stuck."""
-        if failed_index is not None:  # a worker's process is gone: name what it was running
-            worker = entry_workers[failed_index]
-            return next(i for i, entry in enumerate(entry_workers) if entry == worker and not ok[i])
-        # Stuck: a worker's first unfinished action whose inputs are there (the earliest such), else a step.
-        finished = {key for (key, _), is_ok in zip(issued, ok[: len(issued)], strict=True) if is_ok}
-        seen_workers: set[tuple[int, int]] = set()
-        for index, ((replica, action), _) in enumerate(issued):
-            worker = entry_workers[index]
-            if ok[index] or worker in seen_workers:
-                continue
-            seen_workers.add(worker)
-            if finished.issuperset((replica, dep) for dep in dependencies(action, schedule)):
-                return index
-        return ok.index(False)
+class LaunchedStep:
+    """A step handed to the workers (:func:`launch`); :meth:`finish` waits for it."""
 
-    pending = [
-        (worker_labels[entry_workers[i]], f"action {action} (stage {action.stage_idx})", future)
-        for i, ((_, action), future) in enumerate(issued)
-    ]
-    pending += [(handle.label, what, reply) for handle, what, reply in after_actions]
-    values = wait_all(pending, timeout_s, _label, _blame)[len(issued) :]
-    clipped = None
-    if clip_grad_norm is not None and not evaluate:
-        # Replicas hold the same (averaged) gradients: replica 0's norms are everyone's.
-        by_stage = {
-            stage_idx: norms
-            for (handle, _, _), worker_norms in zip(after_actions, values, strict=True)
-            if handle.replica_idx == replicas[0]
-            for stage_idx, norms in worker_norms.items()
-        }
-        # In stage order, so the norms are in the unsplit model's parameter order.
-        clipped = clip_by_global_norm([n for idx in sorted(by_stage) for n in by_stage[idx]], clip_grad_norm)
-        request = OptimizerStepRequest(grad_scale=clipped.grad_scale, skip=not clipped.finite)
-        steps = [(handle.label, "optimizer step", handle.optimizer_step(request)) for handle in handles]
-        step_entries = [(handle.replica_idx, handle.worker_idx) for handle in handles]
-        values = wait_all(
-            steps,
-            timeout_s,
-            lambda entry, stage_idx: worker_labels[(step_entries[entry][0], schedule.worker_of(stage_idx))],
+    def __init__(
+        self,
+        schedule: Schedule,
+        handles: list[WorkerHandle],
+        issued: list[tuple[tuple[int, Action], torch.futures.Future]],
+        after_actions: list[tuple[WorkerHandle, str, torch.futures.Future]],
+        timeout_s: float | None,
+        clip_grad_norm: float | None,
+        evaluate: bool,
+    ) -> None:
+        self.schedule = schedule
+        self.handles = handles
+        self.issued = issued
+        """Every action of every replica in execution order, with the future of its completion."""
+        self.after_actions = after_actions
+        """Each worker's request after its actions: optimizer step, gradient norms or evaluation."""
+        self.timeout_s = timeout_s
+        self.clip_grad_norm = clip_grad_norm
+        self.evaluate = evaluate
+        self.actions_done_at = torch.futures.collect_all([future for _, future in issued]).then(
+            lambda _: time.time()
         )
-    by_replica: dict[int, list[StageReport]] = {replica: [] for replica in replicas}
-    for handle, worker_reports in zip(handles, values, strict=True):
-        by_replica[handle.replica_idx].extend(worker_reports)
-    replica_reports = tuple(
-        tuple(sorted(by_replica[replica], key=lambda report: report.stage_idx)) for replica in replicas
-    )
-    return ExecutedStep(
-        reports=replica_reports[0],
-        actions_done_at=actions_done_at.wait(),
-        clipped=clipped,
-        replica_reports=replica_reports,
-    )
+        """``time.time()`` once the driver knows the last action is done."""
+
+    def finish(self) -> ExecutedStep:
+        """Wait for every action and optimizer step (with clipping: the norms, then the steps)."""
+        schedule, handles, issued = self.schedule, self.handles, self.issued
+        after_actions = self.after_actions
+        replicas = sorted({handle.replica_idx for handle in handles})
+        worker_labels = {(handle.replica_idx, handle.worker_idx): handle.label for handle in handles}
+        # Entry i of the wait: action i of the execution order, then each worker's request after its actions.
+        entry_workers = [(replica, schedule.worker_of(action.stage_idx)) for (replica, action), _ in issued]
+        entry_workers += [(handle.replica_idx, handle.worker_idx) for handle, _, _ in after_actions]
+
+        def _label(entry: int, stage_idx: int) -> str:
+            """The worker hosting ``stage_idx`` in the replica of wait entry ``entry``."""
+            return worker_labels[(entry_workers[entry][0], schedule.worker_of(stage_idx))]
+
+        def _blame(ok: list[bool], failed_index: int | None) -> int:
+            """The entry to name: what the failed worker was running, or what is stuck."""
+            if failed_index is not None:  # a worker's process is gone: name what it was running
+                worker = entry_workers[failed_index]
+                return next(i for i, entry in enumerate(entry_workers) if entry == worker and not ok[i])
+            # Stuck: a worker's first unfinished action whose inputs are there (the earliest such), else a
+            # step.
+            finished = {key for (key, _), is_ok in zip(issued, ok[: len(issued)], strict=True) if is_ok}
+            seen_workers: set[tuple[int, int]] = set()
+            for index, ((replica, action), _) in enumerate(issued):
+                worker = entry_workers[index]
+                if ok[index] or worker in seen_workers:
+                    continue
+                seen_workers.add(worker)
+                if finished.issuperset((replica, dep) for dep in dependencies(action, schedule)):
+                    return index
+            return ok.index(False)
+
+        pending = [
+            (worker_labels[entry_workers[i]], f"action {action} (stage {action.stage_idx})", future)
+            for i, ((_, action), future) in enumerate(issued)
+        ]
+        pending += [(handle.label, what, reply) for handle, what, reply in after_actions]
+        values = wait_all(pending, self.timeout_s, _label, _blame)[len(issued) :]
+        clipped = None
+        if self.clip_grad_norm is not None and not self.evaluate:
+            # Replicas hold the same (averaged) gradients: replica 0's norms are everyone's.
+            by_stage = {
+                stage_idx: norms
+                for (handle, _, _), worker_norms in zip(after_actions, values, strict=True)
+                if handle.replica_idx == replicas[0]
+                for stage_idx, norms in worker_norms.items()
+            }
+            # In stage order, so the norms are in the unsplit model's parameter order.
+            clipped = clip_by_global_norm(
+                [n for idx in sorted(by_stage) for n in by_stage[idx]], self.clip_grad_norm
+            )
+            request = OptimizerStepRequest(grad_scale=clipped.grad_scale, skip=not clipped.finite)
+            steps = [(handle.label, "optimizer step", handle.optimizer_step(request)) for handle in handles]
+            step_replicas = [handle.replica_idx for handle in handles]
+            values = wait_all(
+                steps,
+                self.timeout_s,
+                lambda entry, stage_idx: worker_labels[(step_replicas[entry], schedule.worker_of(stage_idx))],
+            )
+        by_replica: dict[int, list[StageReport]] = {replica: [] for replica in replicas}
+        for handle, worker_reports in zip(handles, values, strict=True):
+            by_replica[handle.replica_idx].extend(worker_reports)
+        replica_reports = tuple(
+            tuple(sorted(by_replica[replica], key=lambda report: report.stage_idx)) for replica in replicas
+        )
+        return ExecutedStep(
+            reports=replica_reports[0],
+            actions_done_at=self.actions_done_at.wait(),
+            clipped=clipped,
+            replica_reports=replica_reports,
+        )
 
 
 def _is_forward_of(action: Action, stage_idx: int) -> bool:

@@ -138,7 +138,8 @@ class StepMetrics:
     action kind: ``F``, ``B``, ``I``, ``W``)."""
     workers: tuple[WorkerFigures, ...]
     data_time_s: float = 0.0
-    """Time the driver waited for the step's batch (included in ``step_time_s``)."""
+    """Time the driver spent taking batches within ``step_time_s`` (with ``train.submit_ahead``, those of
+    the step handed out ahead)."""
     learning_rate: float | None = None
     """The step's learning rate (``None``: no stage has an optimizer)."""
     grad_norm: float | None = None

@@ -63,8 +63,9 @@ __all__ = [
 Work = Sequence[tuple[Action, Any, Any]]
 """A worker's actions of one step, in schedule order, each with its driver-given input and target."""
 
-RemoteFetch = Callable[[int, Action], torch.futures.Future]
-"""``fetch(worker_idx, action)``: a future of ``(output, produced_at)`` of ``action`` on another worker."""
+RemoteFetch = Callable[[int, int, Action], torch.futures.Future]
+"""``fetch(worker_idx, step_id, action)``: a future of ``(output, produced_at)`` of ``action`` of step
+``step_id`` on another worker."""
 
 
 class BoundaryChannel(Protocol):
@@ -169,10 +170,16 @@ class WorkerRunner:
         self._fetch_remote: RemoteFetch | None = None
         self._channel: BoundaryChannel | None = None
         self._lock = threading.Lock()
-        self._outbox: dict[Action, torch.futures.Future] = {}
+        self._outbox: dict[tuple[int, Action], torch.futures.Future] = {}
+        """Outputs for other workers by step and action: a worker may be handed the next step before this
+        one is done, and its requests for that step's inputs may come in before this step's."""
         self._steps: dict[int, _StepState] = {}
         self._profiler: StepProfiler | None = None
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker{worker_idx}")
+        self._start_lock = threading.Lock()
+        self._startable: dict[int, Callable[[], None]] = {}
+        self._next_step = 1
+        """The id of the next step to start: the driver numbers a worker's steps 1, 2, ..."""
         self._deferred = DeferredCalls(f"worker{worker_idx}-reports")
 
     def connect(self, fetch_remote: RemoteFetch, channel: BoundaryChannel | None = None) -> None:
@@ -207,14 +214,25 @@ class WorkerRunner:
                 f"is {list(map(str, expected))}"
             )
         received = time.time()
-        arrivals = [self._arrival(step_id, action, value) for action, value, _ in work]
         done = self._step(step_id).actions_done
         devices = [stage.device for stage in self.stages.values()]
         profiler = StepProfiler(self.worker_idx, devices) if profile else None
-        if evaluate:
-            self._compute.submit(self._evaluate, step_id, work, arrivals, progress, done)
-        else:
-            self._compute.submit(self._run, step_id, work, arrivals, received, progress, done, profiler)
+
+        def _start() -> None:
+            arrivals = [self._arrival(step_id, action, value) for action, value, _ in work]
+            if evaluate:
+                self._compute.submit(self._evaluate, step_id, work, arrivals, progress, done)
+            else:
+                self._compute.submit(self._run, step_id, work, arrivals, received, progress, done, profiler)
+
+        # The driver may send a step before the previous one is done, and two requests may reach this
+        # worker's RPC threads in either order: steps start (request their inputs, queue on the compute
+        # thread) strictly in step order.
+        with self._start_lock:
+            self._startable[step_id] = _start
+            while self._next_step in self._startable:
+                self._startable.pop(self._next_step)()
+                self._next_step += 1
         return done
 
     def optimizer_step(
@@ -257,13 +275,14 @@ class WorkerRunner:
 
         return self._step(step_id).gradients_ready.then(_norms)
 
-    def fetch(self, action: Action) -> torch.futures.Future:
-        """A future of ``(output, produced_at)`` of ``action``: once, for its consumer on another worker."""
-        future = self._outbox_future(action)
+    def fetch(self, step_id: int, action: Action) -> torch.futures.Future:
+        """A future of ``(output, produced_at)`` of ``action`` of step ``step_id``: once, for its consumer on
+        another worker."""
+        future = self._outbox_future(step_id, action)
 
         def _release(done: torch.futures.Future) -> Any:
             with self._lock:
-                self._outbox.pop(action, None)
+                self._outbox.pop((step_id, action), None)
             return result_or_error(done)
 
         return future.then(_release)
@@ -305,7 +324,7 @@ class WorkerRunner:
 
         if self._channel is not None:
             return self._channel.receive(step_id, producer_worker, producer).then(_arrived)
-        return self._fetch_remote(producer_worker, producer).then(_arrived)
+        return self._fetch_remote(producer_worker, step_id, producer).then(_arrived)
 
     def _run(
         self,
@@ -324,7 +343,8 @@ class WorkerRunner:
         syncs: dict[int, _Sync] = {}
         reports_to_driver = ThrottledProgress(progress, self._deferred)
         local_outputs: dict[Action, Any] = {}
-        free_at = received
+        # The request may have come while the previous step ran: the step begins when both are so.
+        started_at = free_at = max(received, time.time())
         position, failed_stage, running = 0, min(self.stages), "optimizer step"
         try:
             if profiler is not None:
@@ -363,6 +383,8 @@ class WorkerRunner:
                     failed_stage, running = stage_idx, "optimizer step"
                     report = self._step_stage(stage_idx, request, profiler)
                     reports[stage_idx] = dataclasses.replace(report, **sync_figures)
+            for stage_idx, report in reports.items():
+                reports[stage_idx] = dataclasses.replace(report, started_at=started_at)
             if profiler is not None:
                 running = "stopping the profiler"
                 profiler.stop()
@@ -506,7 +528,7 @@ class WorkerRunner:
         if self._channel is not None:
             self._channel.send(step_id, consumer_worker, action, payload)
         else:
-            self._outbox_future(action).set_result(payload)
+            self._outbox_future(step_id, action).set_result(payload)
 
     def _fail_consumers(self, step_id: int, work: Work, failure: StageError) -> None:
         """Tell the consumers on other workers of the outputs that ``failure`` stopped."""
@@ -520,7 +542,7 @@ class WorkerRunner:
                 except Exception:  # the channel itself broke: the consumer's receive fails on its own
                     return
                 continue
-            outbox = self._outbox_future(action)
+            outbox = self._outbox_future(step_id, action)
             if not outbox.done():
                 outbox.set_result(failure)
 
@@ -533,9 +555,9 @@ class WorkerRunner:
             stage.record_span(SpanCategory.WAIT, str(action), free_at, transfer_from)
         stage.record_span(SpanCategory.TRANSFER, str(action), transfer_from, arrived_at)
 
-    def _outbox_future(self, action: Action) -> torch.futures.Future:
+    def _outbox_future(self, step_id: int, action: Action) -> torch.futures.Future:
         with self._lock:
-            return self._outbox.setdefault(action, torch.futures.Future())
+            return self._outbox.setdefault((step_id, action), torch.futures.Future())
 
 
 def _when_all_done(outcomes: Sequence[torch.futures.Future], target: torch.futures.Future) -> None:

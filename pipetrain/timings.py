@@ -68,6 +68,9 @@ class StageReport:
     """With replicas: from the start of the gradient average across replicas to its end."""
     allreduce_exposed_s: float = 0.0
     """With replicas: the part of ``allreduce_s`` the stage's optimizer step waited for (not overlapped)."""
+    started_at: float | None = None
+    """``time.time()`` when the stage's worker began the step: its request there and its previous step
+    done (``None`` where no worker runner sent the report)."""
 
     def total(self, category: SpanCategory) -> float:
         """Total seconds spent in ``category``."""

@@ -90,7 +90,7 @@ def test_stages_of_one_worker_hand_over_in_process():
     schedule = Schedule(actions=(tuple(forward + backward),), placement=(0, 0), num_microbatches=2)
     runner = WorkerRunner(0, {0: stages[0], 1: stages[1]}, schedule)
 
-    def no_fetch(worker: int, action: Action):
+    def no_fetch(worker: int, step_id: int, action: Action):
         raise AssertionError(f"fetched {action} from worker {worker}")
 
     runner.connect(no_fetch)

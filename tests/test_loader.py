@@ -50,9 +50,11 @@ def test_throughput_counts_the_time_spent_loading(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     load_s = BATCH * DELAY_S
     for entry in logged:
-        assert entry["perf/data_time_s"] >= 0.9 * load_s, entry
-        assert entry["perf/step_time_s"] >= entry["perf/data_time_s"]
-        assert entry["perf/samples_per_sec"] <= BATCH / load_s, entry
+        assert entry["perf/step_time_s"] >= entry["perf/data_time_s"], entry
+    # Each step's batch is taken within some step's time: its own, or (handed out ahead) the one before.
+    assert sum(entry["perf/data_time_s"] for entry in logged) >= 0.9 * load_s * len(logged)
+    total_time = sum(entry["perf/step_time_s"] for entry in logged)
+    assert BATCH * len(logged) / total_time <= BATCH / load_s
 
 
 def test_a_broken_sample_is_named_with_its_step(tmp_path):

@@ -98,7 +98,7 @@ def local_workers(
         for worker in range(schedule.num_workers)
     ]
     for runner in runners:
-        runner.connect(lambda worker, action: runners[worker].fetch(action))
+        runner.connect(lambda worker, step_id, action: runners[worker].fetch(step_id, action))
     return [LocalWorkerHandle(runner, replica_idx) for runner in runners]
 
 

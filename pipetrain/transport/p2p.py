@@ -20,8 +20,8 @@ group with the same calls.
 
 **Tags.** Messages match by sender and tag, so they may be posted in any order on either side: the tag of
 a message is a function of the action (its kind, stage and micro-batch), the parity of the step and the
-message's slot in the value. A worker's steps never overlap (the driver sends step ``n + 1`` after every
-worker finished step ``n``), so the parity keeps a late receive of one step apart from the next.
+message's slot in the value. At most two steps are in flight (the driver hands out step ``n + 1`` ahead,
+but step ``n + 2`` only once step ``n`` is done everywhere), so the parity keeps them apart.
 
 **Receiving.** Gloo's receives have no completion future, so one thread per worker (:class:`P2PChannel`'s
 receiver) waits on them in the order the worker needs its inputs, posts the leaves' receives as each
@@ -134,7 +134,8 @@ class P2PChannel:
         """A future of ``(value, produced_at)`` of ``action``'s output from ``worker``, or of the error
         (a :class:`StageError` its producer sent, or the exception of a failed receive), as a value.
 
-        Call in the order the inputs are needed: they are completed in that order."""
+        Call in the order the inputs are needed, a step's after the previous step's: they are completed
+        in that order."""
         source = self._rank_of(worker)
         header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
         work = dist.irecv(header, source, tag=self._tag(action, step_id, 0))

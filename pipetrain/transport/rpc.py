@@ -117,8 +117,10 @@ class RpcRunner:
 
         peer_names = [peer.owner_name() for peer in peers]
 
-        def _fetch(worker: int, action: Action) -> torch.futures.Future:
-            return rpc.rpc_async(peer_names[worker], _fetch_here, args=(str(action),), timeout=_NO_DEADLINE)
+        def _fetch(worker: int, step_id: int, action: Action) -> torch.futures.Future:
+            return rpc.rpc_async(
+                peer_names[worker], _fetch_here, args=(step_id, str(action)), timeout=_NO_DEADLINE
+            )
 
         channel = None
         if data_plane == "c10d":
@@ -164,9 +166,9 @@ class RpcRunner:
         return self._started().gradient_norms(step_id)
 
     @rpc.functions.async_execution
-    def fetch(self, action_text: str) -> torch.futures.Future:
+    def fetch(self, step_id: int, action_text: str) -> torch.futures.Future:
         """The output of ``action_text`` (with when it was produced), once it exists."""
-        return self._started().fetch(Action.parse(action_text))
+        return self._started().fetch(step_id, Action.parse(action_text))
 
     def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(stage, *args)`` for each stage of the worker, or the error as a value."""
@@ -194,16 +196,25 @@ class ProgressBoard:
     """The driver's receiver of the workers' progress reports (reached by them through its RRef)."""
 
     def __init__(self) -> None:
-        self._trackers: dict[tuple[int, int], ProgressTracker] = {}
+        self._trackers: dict[tuple[int, int, int], ProgressTracker] = {}
+        self._lock = threading.Lock()
 
     def track(self, worker: tuple[int, int], tracker: ProgressTracker) -> None:
-        """Route the reports of ``worker`` (replica and worker index) to ``tracker`` from now on."""
-        self._trackers[worker] = tracker
+        """Route the reports of ``worker`` (replica and worker index) on ``tracker.step_id`` to ``tracker``
+        until :meth:`untrack`; a worker may have two steps in flight (one handed out ahead)."""
+        with self._lock:
+            self._trackers[(*worker, tracker.step_id)] = tracker
+
+    def untrack(self, worker: tuple[int, int], step_id: int) -> None:
+        """The worker has answered for step ``step_id``: later reports of it are moot."""
+        with self._lock:
+            self._trackers.pop((*worker, step_id), None)
 
     def advance(self, worker: tuple[int, int], step_id: int, done: int) -> None:
         """``worker`` (replica and worker index) has run the first ``done`` actions of step ``step_id``."""
-        tracker = self._trackers.get(worker)
-        if tracker is not None and tracker.step_id == step_id:  # a late report of an earlier step is moot
+        with self._lock:
+            tracker = self._trackers.get((*worker, step_id))
+        if tracker is not None:
             tracker.advance(done)
 
 
@@ -278,7 +289,13 @@ class RpcWorkerHandle:
         reply = self._runner.rpc_async(timeout=_NO_DEADLINE).run_actions(
             self._steps_sent, texts, profile, evaluate
         )
-        reply.add_done_callback(tracker.finish)
+        worker, step_id = (self.replica_idx, self.worker_idx), self._steps_sent
+
+        def _answered(reply: torch.futures.Future) -> None:
+            self._board.untrack(worker, step_id)
+            tracker.finish(reply)
+
+        reply.add_done_callback(_answered)
         return done
 
     def optimizer_step(self, request: OptimizerStepRequest = PLAIN_STEP) -> torch.futures.Future:
@@ -303,9 +320,9 @@ class RpcWorkerHandle:
 
 
 @rpc.functions.async_execution
-def _fetch_here(action_text: str) -> torch.futures.Future:
+def _fetch_here(step_id: int, action_text: str) -> torch.futures.Future:
     """On a worker: the output of ``action_text`` once it exists (:meth:`RpcRunner.fetch`)."""
-    return _SERVED["runner"].fetch(action_text)
+    return _SERVED["runner"].fetch(step_id, action_text)
 
 
 def _advance_here(worker: tuple[int, int], step_id: int, done: int) -> None:
