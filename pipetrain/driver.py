@@ -68,6 +68,8 @@ class StepResult:
     """The global gradient norm and the scale applied to it (with ``train.clip_grad_norm``)."""
     replica_reports: tuple[tuple[StageReport, ...], ...] = ()
     """With replicas, every replica's reports (``reports`` are replica 0's)."""
+    driver_cpu_s: float | None = None
+    """CPU seconds of the driver's process since the previous step, when it has one of its own."""
 
 
 def split_microbatches(
@@ -183,6 +185,7 @@ class Driver:
         run_dir: Path | None = None,
         print_fn: Callable[[str], Any] = print,
         eval_batches: EvalBatches | None = None,
+        own_process: bool = False,
     ) -> None:
         self.cfg = cfg
         self.handles = list(handles)
@@ -199,6 +202,8 @@ class Driver:
         self.logger = MetricsLogger(run_dir, continue_after=resume_step(cfg)) if run_dir is not None else None
         self.interrupted_after: int | None = None
         """The step after which an interrupt (Ctrl-C) stopped training, if one did."""
+        self.own_process = own_process
+        """The driver has its process to itself (the workers run elsewhere): its CPU time is logged."""
 
     def train(self, start_step: int = 0) -> list[float]:
         """Run the remaining steps; return the loss of every step run.
@@ -213,7 +218,7 @@ class Driver:
         batches = step_batches(self.batches, start_step, cfg.train.steps, cfg.loader, pin_memory)
         try:
             self._before_first_step()
-            previous_end = time.time()
+            previous_end, cpu_mark = time.time(), time.process_time()
             in_flight: tuple[int, StepInFlight] | None = None
             loading_s = 0.0  # spent taking batches since previous_end, whichever step they are for
             next_step = start_step
@@ -246,7 +251,13 @@ class Driver:
                 losses.append(result.loss)
                 step_end = time.time()
                 step_time_s, previous_end = step_end - previous_end, step_end
-                result = dataclasses.replace(result, step_time_s=step_time_s, data_time_s=loading_s)
+                cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()
+                result = dataclasses.replace(
+                    result,
+                    step_time_s=step_time_s,
+                    data_time_s=loading_s,
+                    driver_cpu_s=cpu_s if self.own_process else None,
+                )
                 loading_s = 0.0
                 evaluation = self.evaluate(step + 1) if self._evaluation_due(step + 1) else None
                 last_metrics = self._record(step + 1, result, evaluation) or last_metrics
@@ -377,6 +388,7 @@ class Driver:
                 grad_norm=None if result.clipped is None else result.clipped.total_norm,
                 evaluation=evaluation,
                 replica_reports=result.replica_reports,
+                driver_cpu_s=result.driver_cpu_s,
             )
             self.print_fn(format_progress(metrics, cfg.train.steps))
             if self.logger is not None:

@@ -106,6 +106,8 @@ class WorkerFigures:
     """With replicas: time its stages' gradient averages took, from start to end (overlapped or not)."""
     allreduce_exposed_s: float = 0.0
     """With replicas: the part of ``allreduce_s`` its optimizer steps waited for."""
+    cpu_s: float | None = None
+    """CPU seconds of its whole process since the previous step (workers in processes of their own)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,17 @@ class StepMetrics:
     """The evaluation pass run after this step, if one was."""
     replicas: tuple[tuple[WorkerFigures, ...], ...] = ()
     """With ``pipeline.replicas`` > 1: every replica's worker figures (``workers`` are replica 0's)."""
+    driver_cpu_s: float | None = None
+    """CPU seconds of the driver's process since the previous step (when it has one of its own)."""
+
+    @property
+    def cpu_s(self) -> float | None:
+        """CPU seconds of the driver's and every worker's process in the step (every replica's), where
+        they run in processes of their own."""
+        workers = [f.cpu_s for replica in self.replicas or (self.workers,) for f in replica]
+        if self.driver_cpu_s is None or any(cpu is None for cpu in workers):
+            return None
+        return self.driver_cpu_s + sum(cpu for cpu in workers if cpu is not None)
 
     def scalars(self) -> dict[str, float]:
         """The tag -> value mapping written to TensorBoard and ``metrics.jsonl``."""
@@ -162,6 +175,9 @@ class StepMetrics:
                 self.bubble_fraction_predicted_measured_costs
             ),
         }
+        if self.cpu_s is not None:
+            scalars["perf/cpu_s"] = float(self.cpu_s)
+            scalars["perf/driver_cpu_s"] = float(self.driver_cpu_s or 0.0)
         if self.learning_rate is not None:
             scalars["train/lr"] = float(self.learning_rate)
         if self.grad_norm is not None:
@@ -178,6 +194,8 @@ class StepMetrics:
             scalars[f"worker{k}/sent_mib"] = figures.sent_bytes / 2**20
             for kind in _KINDS:
                 scalars[f"worker{k}/busy_{kind}_s"] = float(getattr(figures, f"busy_{kind}_s"))
+            if figures.cpu_s is not None:
+                scalars[f"worker{k}/cpu_s"] = float(figures.cpu_s)
             if self.replicas:
                 scalars[f"worker{k}/allreduce_s"] = float(figures.allreduce_s)
                 scalars[f"worker{k}/allreduce_exposed_s"] = float(figures.allreduce_exposed_s)
@@ -212,7 +230,7 @@ def worker_figures(
     """Busy, idle and transfer seconds of each worker (ordered by worker index).
 
     ``placement[stage_idx]`` is the worker hosting that stage. ``window_s`` is the wall time of the
-    schedule's execution, from the driver handing out the first action to the last action completing; a
+    schedule's execution, from the first worker beginning the step to the last action completing; a
     worker is idle for the part of it it did not compute. Its peak activation memory is the sum of its
     stages' peaks.
     """
@@ -229,6 +247,7 @@ def worker_figures(
                 sent_bytes=sum(report.sent_bytes for report in own),
                 allreduce_s=sum(report.allreduce_s for report in own),
                 allreduce_exposed_s=sum(report.allreduce_exposed_s for report in own),
+                cpu_s=next((r.process_cpu_s for r in own if r.process_cpu_s is not None), None),
                 **_busy_by_kind(own),
             )
         )
@@ -289,6 +308,7 @@ def step_metrics(
     grad_norm: float | None = None,
     evaluation: Evaluation | None = None,
     replica_reports: Sequence[Sequence[StageReport]] = (),
+    driver_cpu_s: float | None = None,
 ) -> StepMetrics:
     """Assemble the :class:`StepMetrics` of one step from the stages' reports.
 
@@ -296,7 +316,8 @@ def step_metrics(
     ``window_s`` is the schedule's execution window (see :func:`worker_figures`); ``data_time_s`` is the
     part of the step spent waiting for the batch; ``grad_norm`` the global gradient norm, when clipped.
     With more than one ``replica_reports`` (``reports`` being replica 0's), the measured bubble is over
-    the workers of every replica, and each replica's figures are kept too.
+    the workers of every replica, and each replica's figures are kept too. ``driver_cpu_s``: the driver
+    process's CPU seconds in the step, when it has a process of its own.
     """
     figures = worker_figures(reports, window_s, schedule.placement)
     replicas = (
@@ -319,6 +340,7 @@ def step_metrics(
         grad_norm=grad_norm,
         evaluation=evaluation,
         replicas=replicas,
+        driver_cpu_s=driver_cpu_s,
     )
 
 

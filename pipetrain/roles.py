@@ -60,7 +60,9 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
         return 1
     train_set, eval_set = build_datasets(cfg)
     batches = BatchOrder(train_set, cfg.train.batch_size, cfg.seed)
-    driver = Driver(cfg, handles, plan, batches, run_dir, eval_batches=build_eval_batches(cfg, eval_set))
+    driver = Driver(
+        cfg, handles, plan, batches, run_dir, eval_batches=build_eval_batches(cfg, eval_set), own_process=True
+    )
     try:
         wall, cpu = time.monotonic(), time.process_time()
         driver.train(start_step=resume_step(cfg))

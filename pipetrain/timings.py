@@ -68,6 +68,10 @@ class StageReport:
     """With replicas: from the start of the gradient average across replicas to its end."""
     allreduce_exposed_s: float = 0.0
     """With replicas: the part of ``allreduce_s`` the stage's optimizer step waited for (not overlapped)."""
+    process_cpu_s: float | None = None
+    """CPU seconds of the worker's whole process (every thread: compute, transport, reports) since its
+    previous step's reports; the same on every stage of a worker. Set by the RPC transport (in-process
+    workers share the driver's process)."""
     started_at: float | None = None
     """``time.time()`` when the stage's worker began the step: its request there and its previous step
     done (``None`` where no worker runner sent the report)."""

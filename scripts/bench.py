@@ -79,6 +79,10 @@ them, for both frameworks):
                 send/recv), spread over the ``2 v m`` actions of a worker. It can come out slightly
                 negative when action times vary within a step (the simulation uses their means), e.g. when
                 workers slow each other down by sharing cores.
+``cpu_ms``      CPU time of all the run's processes per step, in ms (``perf/cpu_s``): pipetrain's driver and
+                workers, every thread (compute, RPC, progress reports), from one step's end to the next;
+                pipelining: its ranks', measured the same way. Neither counts a data loader's processes.
+                Above ``step_s`` times the cores, the processes wait for each other's CPU.
 ``peak_MiB``    peak activation memory autograd held for backward, per worker, all its stages together
                 (``worker{k}/peak_activation_mib``; pipelining: counted the same way, with a saved-tensor
                 hook around each forward).

@@ -32,13 +32,14 @@ COLUMNS = [
     ("pred_u", "pred_unit", "{:.3f}"),
     ("pred_m", "pred_measured", "{:.3f}"),
     ("ovh_ms", "overhead_ms", "{:.2f}"),
+    ("cpu_ms", "cpu_ms", "{:.0f}"),
     ("peak_MiB", "peak_activation_mib", "{}"),
     ("vs_pp", "vs_pp", "{:.2f}"),
 ]
 
 CSV_FIELDS = (
     "method schedule m p workers batch_size runs_ok step_time_s samples_per_sec x_1t t_mb_ms e_mb bubble "
-    "pred_unit pred_measured overhead_ms peak_activation_mib vs_pp loss_step1 not_applicable"
+    "pred_unit pred_measured overhead_ms cpu_ms peak_activation_mib vs_pp loss_step1 not_applicable"
 ).split()
 
 
@@ -64,6 +65,8 @@ def step_figures(record: dict[str, Any], batch_size: int, unit: Timeline | None)
         * 1e3,
         peak_activation_mib=list(record["peak_activation_mib"]),
     )
+    if record.get("cpu_s") is not None:
+        figures["cpu_ms"] = record["cpu_s"] * 1e3
     return figures
 
 

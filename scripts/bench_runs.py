@@ -176,6 +176,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
                 "pred_unit": logged["pipeline/bubble_fraction_predicted"],
                 "pred_measured": logged["pipeline/bubble_fraction_predicted_measured_costs"],
                 "peak_activation_mib": [logged[f"worker{k}/peak_activation_mib"] for k in workers],
+                "cpu_s": logged.get("perf/cpu_s"),
             }
         )
     return records

@@ -204,6 +204,7 @@ def run(cfg: TrainConfig, num_steps: int) -> tuple[Schedule, list[dict[str, Any]
     batches = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
 
     records = []
+    cpu_mark = time.process_time()
     for step in range(num_steps):
         inputs, targets = batches.batch(step)
         losses: list[torch.Tensor] = []
@@ -219,12 +220,13 @@ def run(cfg: TrainConfig, num_steps: int) -> tuple[Schedule, list[dict[str, Any]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         end = time.perf_counter()
+        cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()
         records.append(
             {
                 "window_s": window_end - start,
                 "step_s": end - start,
                 "loss": float(sum(loss.item() for loss in losses) / len(losses)) if losses else None,
-                "reports": [probe.report() for probe in probes],
+                "reports": [dataclasses.replace(probe.report(), process_cpu_s=cpu_s) for probe in probes],
             }
         )
     return schedule, records
@@ -246,6 +248,7 @@ def log_steps(
                 max(record["window_s"] for record in by_rank),
                 reports,
                 schedule,
+                driver_cpu_s=0.0,  # no driver process
             )
             logger.log_step(metrics)
             if step == len(per_rank[0]):

@@ -53,6 +53,11 @@ def test_default_example_trains_through_torchrun(tmp_path):
         assert tag in tags, tag
     losses = [event.value for event in events.Scalars("train/loss")]
     assert len(losses) == 10
+    # Every process's CPU time in the step: the driver's and each worker's, which add up to the total.
+    last = logged_steps(tmp_path)[-1]
+    processes = ["perf/driver_cpu_s", "worker0/cpu_s", "worker1/cpu_s"]
+    assert all(last[tag] > 0 for tag in processes), last
+    assert last["perf/cpu_s"] == pytest.approx(sum(last[tag] for tag in processes))
     assert losses[-1] < 0.75 * losses[0], losses
     assert (tmp_path / "config.yaml").is_file()
     assert list((tmp_path / "traces").glob("*.json"))

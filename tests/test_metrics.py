@@ -253,6 +253,28 @@ def test_scalars_tags() -> None:
     assert all(isinstance(v, float) for v in scalars.values())
 
 
+def test_cpu_figures_add_up_the_processes_and_stay_out_without_them() -> None:
+    schedule = build_schedule("interleaved_1f1b", 4, 4, 2)
+    reports = [
+        dataclasses.replace(_report(s, (C, f"{s}F0", 0.0, 1.0)), process_cpu_s=0.25 + (s % 2))
+        for s in range(4)
+    ]
+    metrics = step_metrics(1, 1.0, 8, 1.0, 2.0, reports, schedule, driver_cpu_s=0.125)
+    assert [figures.cpu_s for figures in metrics.workers] == [0.25, 1.25]  # once per worker, not per stage
+    scalars = metrics.scalars()
+    assert scalars["perf/cpu_s"] == 0.125 + 0.25 + 1.25
+    assert (scalars["perf/driver_cpu_s"], scalars["worker0/cpu_s"], scalars["worker1/cpu_s"]) == (
+        0.125,
+        0.25,
+        1.25,
+    )
+    # In-process workers share the driver's process: no per-process figures at all.
+    in_process = step_metrics(
+        1, 1.0, 8, 1.0, 2.0, [dataclasses.replace(r, process_cpu_s=None) for r in reports], schedule
+    )
+    assert not any("cpu" in tag for tag in in_process.scalars())
+
+
 def test_format_progress() -> None:
     line = format_progress(_metrics(step=10), total_steps=100)
     assert "\n" not in line

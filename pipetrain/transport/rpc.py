@@ -28,7 +28,9 @@ instead of raising (RPC would re-create a raised exception from its message alon
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,6 +86,7 @@ class RpcRunner:
         self.replica_idx = replica_idx
         self._runner: WorkerRunner | None = None
         self._board: rpc.RRef | None = None
+        self._cpu_mark = time.process_time()
 
     def start(
         self,
@@ -152,8 +155,17 @@ class RpcRunner:
 
     @rpc.functions.async_execution
     def optimizer_step(self, step_id: int, request: OptimizerStepRequest) -> torch.futures.Future:
-        """Step the stages once their actions of ``step_id`` are done; the future carries their reports."""
-        return self._started().optimizer_step(step_id, request)
+        """Step the stages once their actions of ``step_id`` are done; the future carries their reports,
+        with the CPU time this process spent since the previous step's."""
+        return self._started().optimizer_step(step_id, request).then(self._with_process_cpu)
+
+    def _with_process_cpu(self, reports: torch.futures.Future) -> Any:
+        value = result_or_error(reports)
+        if isinstance(value, BaseException):
+            return value
+        now = time.process_time()
+        spent, self._cpu_mark = now - self._cpu_mark, now
+        return [dataclasses.replace(report, process_cpu_s=spent) for report in value]
 
     @rpc.functions.async_execution
     def evaluation_reports(self, step_id: int) -> torch.futures.Future:
