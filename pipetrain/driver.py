@@ -40,7 +40,7 @@ from pipetrain.metrics import Evaluation, MetricsLogger, StepMetrics, format_pro
 from pipetrain.partition import StagePlan
 from pipetrain.profiling import merge_trace, request_profile, summarize, write_profile
 from pipetrain.schedule import Schedule
-from pipetrain.timings import StageReport
+from pipetrain.timings import SpanCategory, StageReport
 from pipetrain.transport.handle import WorkerHandle
 
 __all__ = ["StepResult", "StepInFlight", "split_microbatches", "launch_step", "run_step", "Driver"]
@@ -55,7 +55,8 @@ class StepResult:
     reports: tuple[StageReport, ...]
     window_s: float
     """Wall time of the schedule's execution: from when the first worker began the step (its request
-    there and its previous step done) to when the driver knew the last action done."""
+    there and its previous step done, and not before the previous step's last action ended) to the end of
+    its last action (see :meth:`StepInFlight.finish`)."""
     step_time_s: float
     """Wall time of the whole step, optimizer steps included (in training: since the previous step ended,
     so loading the batch, logging and checkpoints count too)."""
@@ -70,6 +71,8 @@ class StepResult:
     """With replicas, every replica's reports (``reports`` are replica 0's)."""
     driver_cpu_s: float | None = None
     """CPU seconds of the driver's process since the previous step, when it has one of its own."""
+    actions_ended_at: float = 0.0
+    """When the step's last action ended (``time.time()`` on its worker)."""
 
 
 def split_microbatches(
@@ -98,26 +101,32 @@ class StepInFlight:
         """The driver's wall clock when it handed out the step."""
         self.num_replicas = num_replicas
 
-    def finish(self) -> StepResult:
-        """Wait for the step; its loss, reports and timings."""
+    def finish(self, not_before: float = 0.0) -> StepResult:
+        """Wait for the step; its loss, reports and timings.
+
+        The step's window runs from when its first worker began it (its request there and its previous
+        step done) to the end of its last action, on the workers' clocks, and begins no earlier than
+        ``not_before``: the end of the previous step's last action (:attr:`StepResult.actions_ended_at`),
+        so that the windows of a step handed out ahead and of the one before do not overlap.
+        """
         executed = self.launched.finish()
         loss = sum(sum(reports[-1].losses) for reports in executed.replica_reports) / self.num_replicas
-        worker_starts = [
-            report.started_at
-            for reports in executed.replica_reports
-            for report in reports
-            if report.started_at is not None
+        reports = [report for replica in executed.replica_reports for report in replica]
+        starts = [report.started_at for report in reports if report.started_at is not None]
+        ends = [
+            span.end for report in reports for span in report.spans if span.category is SpanCategory.COMPUTE
         ]
-        # Handed out ahead, the step begins only when the workers are done with the one before.
-        began = max([self.submitted_at, min(worker_starts)] if worker_starts else [self.submitted_at])
+        began = max(min(starts) if starts else self.submitted_at, not_before)
+        ended = max(ends) if ends else executed.actions_done_at
         return StepResult(
             loss,
             executed.reports,
-            executed.actions_done_at - began,
+            max(ended - began, 0.0),
             time.time() - self.submitted_at,
             started_at=self.submitted_at,
             clipped=executed.clipped,
             replica_reports=executed.replica_reports,
+            actions_ended_at=ended,
         )
 
 
@@ -221,6 +230,7 @@ class Driver:
             previous_end, cpu_mark = time.time(), time.process_time()
             in_flight: tuple[int, StepInFlight] | None = None
             loading_s = 0.0  # spent taking batches since previous_end, whichever step they are for
+            actions_ended_at = 0.0
             next_step = start_step
             while in_flight is not None or next_step < cfg.train.steps:
                 if in_flight is None:
@@ -242,7 +252,8 @@ class Driver:
                     except DataError as error:  # said once the step in flight is recorded
                         deferred = error
                 with _naming_step(step + 1):
-                    result = running.finish()
+                    result = running.finish(not_before=actions_ended_at)
+                actions_ended_at = result.actions_ended_at
                 if result.clipped is not None and not result.clipped.finite:
                     self.print_fn(
                         f"pipetrain: step {step + 1} skipped on every stage: the gradient norm is "

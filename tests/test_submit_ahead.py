@@ -7,6 +7,7 @@ something must happen between two steps (a checkpoint, an evaluation, a profile,
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from conftest import assert_same_training, make_config, train_unsplit
 from pipetrain.build import build_datasets, build_eval_batches, build_schedule_for, build_stages
 from pipetrain.checkpoint import merged_model_state
 from pipetrain.data import BatchOrder
-from pipetrain.driver import Driver
+from pipetrain.driver import Driver, launch_step
 from pipetrain.transport import local_workers
 
 pytestmark = pytest.mark.timeout(120)
@@ -134,3 +135,23 @@ def test_a_checkpoint_holds_the_weights_of_its_own_step(tmp_path):
     assert saved.keys() == reference.keys()
     for name, value in reference.items():
         torch.testing.assert_close(saved[name], value, rtol=1e-5, atol=1e-5)
+
+
+def test_the_window_of_a_step_handed_out_ahead_starts_after_the_previous_one_ends():
+    """The last worker begins step 2 while step 1's first stage still drains: step 2's window starts only
+    when step 1's last action has ended, so no idle time is counted in both steps."""
+    cfg = make_config("mlp", 2, "1f1b", num_microbatches=4, steps=2)
+    plan, stages = build_stages(cfg)
+    schedule = build_schedule_for(cfg, plan.num_stages)
+    # A slow first stage backward: the drain outlasts the last stage's share of the step.
+    stages[0].module.register_full_backward_pre_hook(lambda module, grad_output: time.sleep(0.05))
+    handles = local_workers(stages, schedule)
+    batches = BatchOrder(build_datasets(cfg)[0], cfg.train.batch_size, cfg.seed)
+    first = launch_step(handles, schedule, *batches.batch(0), cfg.pipeline.num_microbatches, timeout_s=30)
+    second = launch_step(handles, schedule, *batches.batch(1), cfg.pipeline.num_microbatches, timeout_s=30)
+    step1 = first.finish()
+    step2 = second.finish(not_before=step1.actions_ended_at)
+    last_worker_began = min(report.started_at for report in step2.reports)
+    assert last_worker_began < step1.actions_ended_at - 0.02  # the overlap is there
+    assert step2.actions_ended_at - step2.window_s == pytest.approx(step1.actions_ended_at)
+    assert step2.window_s > 0
