@@ -4,7 +4,9 @@
 and the RPC transport both drive it. Per step it receives its worker's actions (with stage 0's
 micro-batches and the last stage's targets), requests every input that another worker produces at once,
 then runs the actions one at a time, each as soon as its input is there, with one dispatch over the action
-kinds (``F``, ``B``, and the split backward's ``I`` and ``W``). An output whose consumer is a stage of the
+kinds (``F``, ``B``, and the split backward's ``I`` and ``W``). The driver may hand out the next step
+before this one is done (``train.submit_ahead``): steps start in the order of their ids, whatever order
+their requests arrive in, and outputs are kept by step and action. An output whose consumer is a stage of the
 same worker is handed over in-process (no copy, no transport); one whose consumer lives elsewhere waits
 in the outbox until that worker fetches it, or, given a :class:`BoundaryChannel` (the c10d data plane), is
 sent to it.
