@@ -262,7 +262,8 @@ class Driver:
                 losses.append(result.loss)
                 step_end = time.time()
                 step_time_s, previous_end = step_end - previous_end, step_end
-                cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()
+                cpu_now = time.process_time()
+                cpu_s, cpu_mark = cpu_now - cpu_mark, cpu_now
                 result = dataclasses.replace(
                     result,
                     step_time_s=step_time_s,

@@ -220,7 +220,8 @@ def run(cfg: TrainConfig, num_steps: int) -> tuple[Schedule, list[dict[str, Any]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         end = time.perf_counter()
-        cpu_s, cpu_mark = time.process_time() - cpu_mark, time.process_time()
+        cpu_now = time.process_time()
+        cpu_s, cpu_mark = cpu_now - cpu_mark, cpu_now
         records.append(
             {
                 "window_s": window_end - start,
