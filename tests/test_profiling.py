@@ -319,9 +319,9 @@ def test_profiled_step_of_a_real_run_merges_every_worker_on_one_timeline(tmp_pat
         own = next(e for e in x_events(document, name, worker) if e["cat"] == "compute")
         operators = [e for e in x_events(document, pid=worker) if e["name"].startswith("aten::")]
         assert any(contains(scope, op) for op in operators), f"no operator inside {name}"
-        assert any(contains(own, op) for op in operators), f"{name}: operators off pipetrain's span"
         # The profile is mapped onto the wall clock once, around a marker slice; on a loaded machine a
-        # thread switch there can shift it by a fraction of a millisecond.
+        # thread switch there can shift it by a fraction of a millisecond, operators and scopes alike.
+        assert any(contains(own, op, slack_us=1000.0) for op in operators), f"{name}: operators off its span"
         assert contains(scope, own, slack_us=1000.0), (scope, own)
 
     def start(name: str, worker: int, category: str = "compute") -> dict:
