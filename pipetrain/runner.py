@@ -70,6 +70,14 @@ RemoteFetch = Callable[[int, int, Action], torch.futures.Future]
 ``step_id`` on another worker."""
 
 
+class Awaitable(Protocol):
+    """Something the compute thread waits for: a future, or a value on its way over a channel."""
+
+    def wait(self) -> Any:
+        """Block until it is in; its value (errors included, as values or raised)."""
+        ...
+
+
 class BoundaryChannel(Protocol):
     """Carries boundary values between workers by sending them (instead of the consumer fetching them from
     the outbox): :class:`pipetrain.transport.p2p.P2PChannel`."""
@@ -78,8 +86,9 @@ class BoundaryChannel(Protocol):
         """Send ``action``'s output, ``(value, produced_at)`` or the error that stopped it, to ``worker``."""
         ...
 
-    def receive(self, step_id: int, worker: int, action: Action) -> torch.futures.Future:
-        """A future of ``(value, produced_at)`` of ``action``'s output from ``worker``, or of the error."""
+    def receive(self, step_id: int, worker: int, action: Action) -> Awaitable:
+        """``action``'s output from ``worker``: waiting gives ``(value, produced_at)``, or the error as a
+        value. The wait runs on the thread that needs the value (no hand-off through another thread)."""
         ...
 
 
@@ -104,7 +113,7 @@ def result_or_error(future: torch.futures.Future) -> Any:
         return error
 
 
-def _result(future: torch.futures.Future) -> Any:
+def _result(future: Awaitable) -> Any:
     """The future's value; raises its error, including one that arrived as a value."""
     value = future.wait()
     if isinstance(value, BaseException):
@@ -316,8 +325,7 @@ class WorkerRunner:
             return _LOCAL
         assert self._fetch_remote is not None, "connect() first"
 
-        def _arrived(reply: torch.futures.Future) -> Any:
-            result = result_or_error(reply)
+        def _arrived(result: Any) -> Any:
             if isinstance(result, StageError):
                 return result
             if isinstance(result, BaseException):  # the producer's process is gone or unreachable
@@ -325,8 +333,9 @@ class WorkerRunner:
             return (*result, time.time())
 
         if self._channel is not None:
-            return self._channel.receive(step_id, producer_worker, producer).then(_arrived)
-        return self._fetch_remote(producer_worker, step_id, producer).then(_arrived)
+            return _Received(self._channel.receive(step_id, producer_worker, producer), _arrived)
+        reply = self._fetch_remote(producer_worker, step_id, producer)
+        return reply.then(lambda done: _arrived(result_or_error(done)))
 
     def _run(
         self,
@@ -448,9 +457,7 @@ class WorkerRunner:
             self._steps = {key: value for key, value in self._steps.items() if value is not state}
         state.reports.set_result(reports)
 
-    def _await_input(
-        self, action: Action, arrival: torch.futures.Future, profiler: StepProfiler | None
-    ) -> Any:
+    def _await_input(self, action: Action, arrival: Awaitable, profiler: StepProfiler | None) -> Any:
         """``(input, produced_at, arrived_at)`` of ``action`` once there (from a worker or the driver)."""
         producer = input_dependency(action, self.schedule)
         if profiler is None or producer is None:  # no producer: a micro-batch the driver sent with the step
@@ -560,6 +567,18 @@ class WorkerRunner:
     def _outbox_future(self, step_id: int, action: Action) -> torch.futures.Future:
         with self._lock:
             return self._outbox.setdefault((step_id, action), torch.futures.Future())
+
+
+class _Received:
+    """An input coming over a :class:`BoundaryChannel`: waited for on the compute thread, then ``then``
+    applied to what came (as a future's ``then`` would, without a thread to run it)."""
+
+    def __init__(self, incoming: Awaitable, then: Callable[[Any], Any]) -> None:
+        self._incoming = incoming
+        self._then = then
+
+    def wait(self) -> Any:
+        return self._then(self._incoming.wait())
 
 
 def _when_all_done(outcomes: Sequence[torch.futures.Future], target: torch.futures.Future) -> None:

@@ -128,12 +128,7 @@ class RpcRunner:
         channel = None
         if data_plane == "c10d":
             peer_ranks = [peer.owner().id for peer in peers]
-            channel = P2PChannel(
-                worker_name(self.worker_idx, self.replica_idx),
-                peer_ranks.__getitem__,
-                schedule.num_stages,
-                schedule.num_microbatches,
-            )
+            channel = P2PChannel(peer_ranks.__getitem__, schedule.num_stages, schedule.num_microbatches)
         runner.connect(_fetch, channel)
         self._runner, self._board = runner, board
         _SERVED["runner"] = self
