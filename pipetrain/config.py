@@ -98,6 +98,10 @@ class TrainLoopConfig:
     done with this one, not after the driver has collected, logged and sent again. Only where nothing must
     happen between the two steps: not after a step that saves a checkpoint, evaluates or is profiled, and
     not with ``clip_grad_norm`` (the optimizer steps wait for the driver's scale)."""
+    keep_host_memory: bool = True
+    """Every process of the run keeps the host memory it frees for its next allocations
+    (:mod:`pipetrain.host_memory`), instead of faulting a large tensor's pages in again each micro-batch;
+    it then keeps its peak heap. Has an effect with glibc only."""
     max_restarts: int = 0
     """Times torchrun restarts the run's processes after one of them fails (its ``--max-restarts``);
     each restart resumes from the newest complete checkpoint of the run directory by itself (none yet:

@@ -17,6 +17,7 @@ from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
 from pipetrain.failures import RunStopped, StageFailure
+from pipetrain.host_memory import keep_freed_memory
 from pipetrain.loader import DataError
 from pipetrain.partition import StagePlan
 from pipetrain.profiling import warm_up as warm_up_profiler
@@ -45,6 +46,8 @@ def check_world_size(topology: Topology, world_size: int) -> None:
 def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> int:
     """Rank 0: train over RPC stage handles; return the process exit status (130 when interrupted)."""
     (run_dir / DRIVER_PID_FILE).write_text(str(os.getpid()))
+    if cfg.train.keep_host_memory:
+        keep_freed_memory()
     init_rpc(DRIVER_NAME, 0, world_size, cfg.rpc)
     schedule = build_schedule_for(cfg, plan.num_stages)
     topology = Topology.of(schedule, cfg.pipeline.replicas)
@@ -90,6 +93,8 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
 
 def serve_worker(cfg: TrainConfig, topology: Topology, rank: int, world_size: int) -> int:
     """Serve as the worker ``rank`` runs until the driver is done (the driver builds its stages here)."""
+    if cfg.train.keep_host_memory:
+        keep_freed_memory()
     if cfg.log.profile_steps:
         warm_up_profiler()
     init_rpc(worker_name(topology.worker_at(rank), topology.replica_at(rank)), rank, world_size, cfg.rpc)
