@@ -10,7 +10,9 @@ import multiprocessing
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import torch
@@ -49,6 +51,24 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _run_pair(target: Callable[[int, int, multiprocessing.Queue], None], num_results: int) -> list[Any]:
+    """Run ``target(rank, port, results)`` as ranks 0 and 1 in two fresh processes; the first
+    ``num_results`` things they put in ``results``. Both processes are gone when it returns."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    port = _free_port()
+    processes = [context.Process(target=target, args=(rank, port, results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    try:
+        return [results.get(timeout=60) for _ in range(num_results)]
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+
 def _peer(rank: int, port: int, results: multiprocessing.Queue) -> None:
     """Rank 0 sends (in another order than rank 1 receives), then dies; rank 1 reports what it got."""
     import torch.distributed as dist
@@ -80,20 +100,9 @@ def _peer(rank: int, port: int, results: multiprocessing.Queue) -> None:
 @pytest.mark.distributed
 @pytest.mark.timeout(90)
 def test_channel_carries_nested_values_errors_and_long_headers_and_fails_when_the_producer_dies():
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_peer, args=(rank, port, results)) for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    try:
-        (nested, at_nested), failure, (gradient, at_gradient) = results.get(timeout=60)
-        lost_type, lost_is_error, waited_s = results.get(timeout=60)
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
+    received, lost = _run_pair(_peer, num_results=2)
+    (nested, at_nested), failure, (gradient, at_gradient) = received
+    lost_type, lost_is_error, waited_s = lost
     hidden, extra = nested
     assert at_nested == 1.5 and torch.equal(hidden, torch.ones(2, 3))
     assert torch.equal(extra["mask"], torch.tensor([True, False]))
@@ -150,19 +159,7 @@ def _layouts_peer(rank: int, port: int, results: multiprocessing.Queue) -> None:
 @pytest.mark.distributed
 @pytest.mark.timeout(90)
 def test_a_value_of_the_layout_predicted_from_two_steps_before_comes_in_one_message():
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_layouts_peer, args=(rank, port, results)) for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    try:
-        first, second = results.get(timeout=60), results.get(timeout=60)
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
+    first, second = _run_pair(_layouts_peer, num_results=2)
     pending_sends, came = (first, second) if isinstance(first, int) else (second, first)
     assert pending_sends == 1, "the producer still holds the messages of steps its consumer has received"
     forms = {step: in_one for step, _, in_one in came}
