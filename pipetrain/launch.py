@@ -5,7 +5,8 @@ interface: RPC executes pickled calls, so it must never listen where untrusted h
 
 The console shows the driver's own lines (plan, progress, the one-line result) and nothing else; every
 process's full output goes to ``<run_dir>/logs/`` (torchrun's own to ``logs/torchrun.log``), and the
-driver's lines also to ``<run_dir>/train.log``.
+driver's lines also to ``<run_dir>/train.log``. A driver that crashes cannot say why itself: the end of
+its error output (a fatal signal's Python stacks, an uncaught exception) is shown instead.
 
 Ctrl-C (or SIGTERM) asks the driver to finish its step and save a checkpoint; a second one stops every
 process at once.
@@ -27,7 +28,13 @@ from typing import IO
 
 from pipetrain.run_dir import DRIVER_PID_FILE
 
-__all__ = ["free_loopback_port", "torchrun_command", "run_torchrun", "append_train_log"]
+__all__ = [
+    "free_loopback_port",
+    "torchrun_command",
+    "run_torchrun",
+    "append_train_log",
+    "driver_crash_report",
+]
 
 _TEE_PREFIX = re.compile(r"^\[[^\]\s]*0\]:")
 _POLL_S = 0.1
@@ -95,8 +102,50 @@ def run_torchrun(
     if interrupts.count:
         return 130
     if status != 0:
+        crash = driver_crash_report(log_dir)
+        if crash is not None:
+            print(crash, flush=True)
         print(f"pipetrain: the output of every process of the run is in {log_dir}", flush=True)
     return status
+
+
+_CRASH_MARKERS = ("terminate called", "Traceback (most recent call last)")
+_CRASH_LINES = 40
+
+
+def driver_crash_report(log_dir: Path) -> str | None:
+    """What the driver's newest error log says of a crash, or ``None`` if it shows none.
+
+    For a fatal signal, ``faulthandler``'s error line and the stack of the thread it hit; else the last
+    C++ ``terminate`` or uncaught Python exception (its first lines).
+    """
+    logs = sorted(log_dir.glob("*/attempt_*/0/stderr.log"), key=lambda path: path.stat().st_mtime)
+    if not logs:
+        return None
+    lines = logs[-1].read_text(errors="replace").splitlines()
+    shown = _fatal_signal(lines) or _last_block(lines)
+    if not shown:
+        return None
+    return "\n".join([f"pipetrain: the driver (rank 0) crashed; its error output ({logs[-1]}):", *shown])
+
+
+def _fatal_signal(lines: list[str]) -> list[str]:
+    fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
+    if not fatal:
+        return []
+    current = next((i for i in range(fatal[-1], len(lines)) if lines[i].startswith("Current thread")), None)
+    if current is None:
+        return lines[fatal[-1] : fatal[-1] + _CRASH_LINES]
+    stack_end = next((i for i in range(current, len(lines)) if not lines[i].strip()), len(lines))
+    return [lines[fatal[-1]], *lines[current:stack_end][:_CRASH_LINES]]
+
+
+def _last_block(lines: list[str]) -> list[str]:
+    starts = [i for i, line in enumerate(lines) if any(marker in line for marker in _CRASH_MARKERS)]
+    if not starts:
+        return []
+    block = lines[starts[-1] :]
+    return block[:_CRASH_LINES] + (["..."] if len(block) > _CRASH_LINES else [])
 
 
 class _Interrupts:

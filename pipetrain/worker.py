@@ -15,6 +15,7 @@ them, writes ``<run_dir>/config.yaml`` and shares it with the other ranks throug
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -41,6 +42,7 @@ LOCK_HELD_ENV = "PIPETRAIN_RUN_LOCK_HELD"
 def main(argv: list[str] | None = None) -> int:
     """Run this process's role; return its exit status."""
     args = sys.argv[1:] if argv is None else argv
+    faulthandler.enable()  # a fatal signal leaves every thread's Python stack in the process's log
     _exit_with_launcher()
     _stay_on_loopback()
     rank = int(os.environ.get("RANK", "0"))

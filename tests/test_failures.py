@@ -129,3 +129,22 @@ def test_ctrl_c_stops_every_process(tmp_path):
 
 def _driver_lines(output: str) -> str:
     return "\n".join(line for line in output.splitlines() if line.startswith("pipetrain")) or output[-3000:]
+
+
+def test_a_crashed_driver_has_its_fatal_error_shown(tmp_path):
+    """A driver killed by a segmentation fault cannot report it: the launcher shows its Python stack."""
+    args = [
+        sys.executable,
+        "-m",
+        "pipetrain.train",
+        f"run_dir={tmp_path / 'run'}",
+        "data._target_=data_parts.slow_dataset",
+        "+data.crash=5",
+        "loader.num_workers=0",
+        "train.steps=4",
+    ]
+    result = Launched(args, cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parent)}).finish(timeout=90)
+    assert result.returncode != 0
+    assert "pipetrain: the driver (rank 0) crashed; its error output" in result.output, result.output[-3000:]
+    assert "Fatal Python error: Segmentation fault" in result.output
+    assert re.search(r'data_parts\.py", line \d+ in __getitem__', result.output), result.output[-3000:]
