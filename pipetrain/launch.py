@@ -10,6 +10,10 @@ its error output (a fatal signal's Python stacks, an uncaught exception) is show
 
 Ctrl-C (or SIGTERM) asks the driver to finish its step and save a checkpoint; a second one stops every
 process at once.
+
+Once the driver has exited, the workers have a few seconds to follow (torchrun stops them when a process
+fails); a worker that is stuck, and so deaf to torchrun's SIGTERM, is killed then, instead of after
+torchrun's own 30 s. Runs that torchrun may restart are left to torchrun.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
 
 _TEE_PREFIX = re.compile(r"^\[[^\]\s]*0\]:")
 _POLL_S = 0.1
+_STRAGGLER_GRACE_S = 5.0
 
 
 def free_loopback_port() -> int:
@@ -92,8 +97,9 @@ def run_torchrun(
         echo = threading.Thread(target=_echo, args=(process.stdout, train_log), daemon=True)
         echo.start()
         interrupts = _Interrupts()
+        driver = _DriverWatch(run_dir) if max_restarts == 0 else None
         try:
-            status = _wait(process, run_dir, interrupts)
+            status = _wait(process, run_dir, interrupts, driver)
         finally:
             interrupts.restore()
             if process.poll() is None:
@@ -163,14 +169,73 @@ class _Interrupts:
             signal.signal(sig, handler)
 
 
-def _wait(process: subprocess.Popen, run_dir: Path, interrupts: _Interrupts) -> int:
-    """Wait for torchrun; pass the first interrupt to the driver, stop everything at the second."""
+class _DriverWatch:
+    """Tells how long ago this run's driver exited (it writes its pid into the run directory at start)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._pid_file = run_dir / DRIVER_PID_FILE
+        self._launched_at = time.time()
+        self._pid: int | None = None
+        self._exited_at: float | None = None
+
+    def exited_for(self) -> float:
+        """Seconds since the driver was first seen gone (0 while it runs or has not started)."""
+        if self._pid is None:
+            self._pid = self._read_pid()
+            if self._pid is None:
+                return 0.0
+        if self._exited_at is None:
+            if _is_running(self._pid):
+                return 0.0
+            self._exited_at = time.monotonic()
+        return time.monotonic() - self._exited_at
+
+    def _read_pid(self) -> int | None:
+        try:
+            if self._pid_file.stat().st_mtime < self._launched_at - 1.0:
+                return None  # a previous run's
+            return int(self._pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def _is_running(pid: int) -> bool:
+    """Whether ``pid`` is alive and, on Linux, not a zombie waiting for its parent (torchrun) to reap it."""
+    if sys.platform == "linux":
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _wait(
+    process: subprocess.Popen, run_dir: Path, interrupts: _Interrupts, driver: _DriverWatch | None
+) -> int:
+    """Wait for torchrun; pass the first interrupt to the driver, stop everything at the second; stop the
+    workers left a few seconds after the driver has exited (``driver``: unless torchrun may restart)."""
     handled = 0
     while True:
         try:
             return process.wait(timeout=_POLL_S)
         except subprocess.TimeoutExpired:
             pass
+        if driver is not None and driver.exited_for() > _STRAGGLER_GRACE_S:
+            print(
+                f"pipetrain: workers still running {_STRAGGLER_GRACE_S:g} s after the driver exited "
+                "(stuck?): stopping them",
+                flush=True,
+            )
+            _kill(process)
+            process.wait()
+            return 1
         if interrupts.count == handled:
             continue
         handled = interrupts.count

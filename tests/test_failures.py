@@ -38,9 +38,13 @@ def launch(run_dir: Path, *overrides: str) -> tuple[Launched, Path]:
     return launch_with_markers(args, run_dir, markers), markers
 
 
-@pytest.mark.parametrize("stage_idx", [0, 1, 2], ids=["first", "middle", "last"])
-@pytest.mark.parametrize("phase", ["forward", "backward", "step"])
-def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, stage_idx, phase):
+@pytest.mark.parametrize(
+    ("phase", "stage_idx"),
+    [("forward", 0), ("backward", 1), ("backward", 2), ("step", 2)],
+    ids=["forward-first", "backward-middle", "backward-last", "step-last"],
+)
+def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, phase, stage_idx):
+    """Every phase, and every position in the pipeline (the last stage computes the loss)."""
     run, markers = launch(tmp_path)
     rank = stage_idx + 1
     pid = wait_for_phase(run, markers, rank, phase)
@@ -79,12 +83,15 @@ def test_over_the_c10d_data_plane_a_killed_worker_is_named_while_its_peers_wait_
     assert re.search(pattern, result.output), _driver_lines(result.output)
 
 
-def test_stuck_stage_is_named_after_the_timeout(tmp_path):
+def test_stuck_stage_is_named_after_the_timeout_and_the_run_ends(tmp_path):
     run, markers = launch(tmp_path, "rpc.timeout_s=3")
     pid = wait_for_phase(run, markers, 2, "backward")
     os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:
         result = run.finish(timeout=60)
+        # A stopped process ignores torchrun's SIGTERM; torchrun alone would wait 30 s before its SIGKILL.
+        ended_after = time.monotonic() - stopped_at
     finally:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -93,6 +100,8 @@ def test_stuck_stage_is_named_after_the_timeout(tmp_path):
     assert result.returncode != 0
     stuck = r"worker 1 \(rank 2\) failed during action 1B\d+ \(stage 1\): no progress for 3 s"
     assert re.search(stuck, result.output), result.output[-3000:]
+    assert "s after the driver exited (stuck?): stopping them" in result.output, result.output[-3000:]
+    assert ended_after < 20, f"the run took {ended_after:.1f} s to end"
 
 
 @pytest.mark.parametrize("data_plane", ["rpc", "c10d"])
