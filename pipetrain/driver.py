@@ -212,7 +212,8 @@ class Driver:
         self.interrupted_after: int | None = None
         """The step after which an interrupt (Ctrl-C) stopped training, if one did."""
         self.own_process = own_process
-        """The driver has its process to itself (the workers run elsewhere): its CPU time is logged."""
+        """The driver has its process to itself (the workers run elsewhere): its CPU time is logged, and its
+        loader processes leave its process group (:mod:`pipetrain.process_ties`)."""
 
     def train(self, start_step: int = 0) -> list[float]:
         """Run the remaining steps; return the loss of every step run.
@@ -224,7 +225,8 @@ class Driver:
         losses: list[float] = []
         last_metrics: StepMetrics | None = None
         pin_memory = cfg.device != "cpu" and torch.cuda.is_available()
-        batches = step_batches(self.batches, start_step, cfg.train.steps, cfg.loader, pin_memory)
+        detach = self.own_process
+        batches = step_batches(self.batches, start_step, cfg.train.steps, cfg.loader, pin_memory, detach)
         try:
             self._before_first_step()
             previous_end, cpu_mark = time.time(), time.process_time()

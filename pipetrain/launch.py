@@ -115,43 +115,52 @@ def run_torchrun(
     return status
 
 
-_CRASH_MARKERS = ("terminate called", "Traceback (most recent call last)")
-_CRASH_LINES = 40
+_CRASH_LINES = 30
 
 
 def driver_crash_report(log_dir: Path) -> str | None:
     """What the driver's newest error log says of a crash, or ``None`` if it shows none.
 
-    For a fatal signal, ``faulthandler``'s error line and the stack of the thread it hit; else the last
-    C++ ``terminate`` or uncaught Python exception (its first lines).
+    The last uncaught Python exception (the end of its traceback) or C++ ``terminate``, then, for a fatal
+    signal, ``faulthandler``'s error line and the stack of the thread it hit.
     """
     logs = sorted(log_dir.glob("*/attempt_*/0/stderr.log"), key=lambda path: path.stat().st_mtime)
     if not logs:
         return None
     lines = logs[-1].read_text(errors="replace").splitlines()
-    shown = _fatal_signal(lines) or _last_block(lines)
+    shown = _last_exception(lines) + _fatal_signal(lines)
     if not shown:
         return None
     return "\n".join([f"pipetrain: the driver (rank 0) crashed; its error output ({logs[-1]}):", *shown])
 
 
+def _last_exception(lines: list[str]) -> list[str]:
+    """The last traceback up to its exception's line (its last lines if long), or ``terminate``'s line."""
+    starts = [
+        i for i, line in enumerate(lines) if line.startswith(("Traceback (most recent", "terminate called"))
+    ]
+    if not starts:
+        return []
+    start = starts[-1]
+    if lines[start].startswith("terminate called"):
+        return lines[start : start + 2]
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines) - 1
+    )
+    block = lines[start : end + 1]
+    return block if len(block) <= _CRASH_LINES else [block[0], "  ...", *block[-_CRASH_LINES:]]
+
+
 def _fatal_signal(lines: list[str]) -> list[str]:
+    """``faulthandler``'s report of a fatal signal: its error line and the current thread's stack."""
     fatal = [i for i, line in enumerate(lines) if line.startswith("Fatal Python error")]
     if not fatal:
         return []
     current = next((i for i in range(fatal[-1], len(lines)) if lines[i].startswith("Current thread")), None)
     if current is None:
-        return lines[fatal[-1] : fatal[-1] + _CRASH_LINES]
+        return [lines[fatal[-1]]]
     stack_end = next((i for i in range(current, len(lines)) if not lines[i].strip()), len(lines))
     return [lines[fatal[-1]], *lines[current:stack_end][:_CRASH_LINES]]
-
-
-def _last_block(lines: list[str]) -> list[str]:
-    starts = [i for i, line in enumerate(lines) if any(marker in line for marker in _CRASH_MARKERS)]
-    if not starts:
-        return []
-    block = lines[starts[-1] :]
-    return block[:_CRASH_LINES] + (["..."] if len(block) > _CRASH_LINES else [])
 
 
 class _Interrupts:

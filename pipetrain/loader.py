@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, defaul
 
 from pipetrain.config import LoaderConfig
 from pipetrain.data import BatchOrder
+from pipetrain.process_ties import detach_loader_process
 
 __all__ = ["DataError", "step_batches"]
 
@@ -81,9 +82,18 @@ class _BatchGather(Dataset):
 
 
 def step_batches(
-    batches: BatchOrder, start_step: int, stop_step: int, settings: LoaderConfig, pin_memory: bool = False
+    batches: BatchOrder,
+    start_step: int,
+    stop_step: int,
+    settings: LoaderConfig,
+    pin_memory: bool = False,
+    detach_processes: bool = False,
 ) -> Iterator[Any]:
-    """The collated batches of steps ``start_step .. stop_step - 1``, in order, loaded ahead."""
+    """The collated batches of steps ``start_step .. stop_step - 1``, in order, loaded ahead.
+
+    With ``detach_processes`` (the driver of a run, loading on its main thread), the loader processes
+    leave the caller's process group and die with it (:func:`~pipetrain.process_ties.detach_loader_process`).
+    """
     workers = settings.num_workers
     loader = DataLoader(
         _BatchGather(batches.dataset),
@@ -92,5 +102,6 @@ def step_batches(
         num_workers=workers,
         prefetch_factor=settings.prefetch_factor if workers > 0 else None,
         pin_memory=pin_memory,
+        worker_init_fn=detach_loader_process if workers > 0 and detach_processes else None,
     )
     return iter(loader)

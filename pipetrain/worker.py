@@ -14,7 +14,6 @@ them, writes ``<run_dir>/config.yaml`` and shares it with the other ranks throug
 
 from __future__ import annotations
 
-import ctypes
 import faulthandler
 import os
 import signal
@@ -28,6 +27,7 @@ from pipetrain.compose import compose_config, load_run_config, to_train_config, 
 from pipetrain.config_share import ConfigRefused, has_shared_store, publish_config, receive_config
 from pipetrain.failures import request_interrupt, request_stop
 from pipetrain.preflight import preflight, stage_plan
+from pipetrain.process_ties import die_with_parent
 from pipetrain.restart import LOCK_WAIT_S, driver_exit_status, rejoin_config, restart_count, resume_on_restart
 from pipetrain.roles import check_world_size, drive, serve_worker
 from pipetrain.run_dir import RunLock, check_writable, default_run_dir
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run this process's role; return its exit status."""
     args = sys.argv[1:] if argv is None else argv
     faulthandler.enable()  # a fatal signal leaves every thread's Python stack in the process's log
-    _exit_with_launcher()
+    die_with_parent()  # no worker outlives torchrun
     _stay_on_loopback()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -121,14 +121,6 @@ def _stay_on_loopback() -> None:
     if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
         os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-
-
-def _exit_with_launcher() -> None:
-    """Have the kernel kill this process if its launcher (torchrun) dies, so no worker is orphaned."""
-    if sys.platform != "linux":
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,19 @@ def test_a_crashed_driver_has_its_fatal_error_shown(tmp_path):
     assert "pipetrain: the driver (rank 0) crashed; its error output" in result.output, result.output[-3000:]
     assert "Fatal Python error: Segmentation fault" in result.output
     assert re.search(r'data_parts\.py", line \d+ in __getitem__', result.output), result.output[-3000:]
+
+
+def test_torchruns_stop_signal_to_the_drivers_process_group_is_reported_not_a_crash(tmp_path):
+    """torchrun stops a run by SIGTERM to each process's group, the driver's loader processes included.
+
+    The driver must say the run was stopped; before, the loader's death was raised in the driver's main
+    thread and killed it without a word (whenever torchrun saw a dead worker before the driver did).
+    """
+    run, markers = launch(tmp_path)
+    wait_for_phase(run, markers, 1, "forward")
+    driver_pid = int((tmp_path / "driver.pid").read_text())
+    os.killpg(os.getpgid(driver_pid), signal.SIGTERM)
+    result = run.finish(timeout=60)
+    assert result.returncode != 0
+    assert "pipetrain: run stopped by the launcher (SIGTERM)" in result.output, result.output[-3000:]
+    assert "crashed" not in result.output
