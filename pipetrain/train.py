@@ -35,6 +35,7 @@ from pipetrain.compose import (
     write_run_config,
 )
 from pipetrain.config import register_schema
+from pipetrain.fast_exit import exit_now
 from pipetrain.launch import append_train_log, run_torchrun
 from pipetrain.preflight import preflight
 from pipetrain.run_dir import RunLock, check_writable
@@ -103,7 +104,7 @@ def main() -> None:
     for run_dir, status in failed:
         outcome = "was interrupted" if status == 130 else f"failed with exit status {status}"
         print(f"pipetrain: run in {run_dir} {outcome}", file=sys.stderr, flush=True)
-    sys.exit(max((status for _, status in failed), default=0) if len(_RESULTS) == 1 else int(bool(failed)))
+    exit_now(max((status for _, status in failed), default=0) if len(_RESULTS) == 1 else int(bool(failed)))
 
 
 def _check_run_dir_argument(args: list[str]) -> None:

@@ -26,6 +26,7 @@ from pipetrain.checkpoint import check_run_dir_checkpoints
 from pipetrain.compose import compose_config, load_run_config, to_train_config, write_run_config
 from pipetrain.config_share import ConfigRefused, has_shared_store, publish_config, receive_config
 from pipetrain.failures import request_interrupt, request_stop
+from pipetrain.fast_exit import exit_now
 from pipetrain.preflight import preflight, stage_plan
 from pipetrain.process_ties import die_with_parent
 from pipetrain.restart import LOCK_WAIT_S, driver_exit_status, rejoin_config, restart_count, resume_on_restart
@@ -124,4 +125,4 @@ def _stay_on_loopback() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
