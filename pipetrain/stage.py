@@ -398,13 +398,16 @@ class Stage:
 def _counting_pack(total: list[int], skip_storages: set[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """A saved-tensor hook adding the activation bytes autograd keeps for backward to ``total[0]``.
 
-    Tensors sharing storage with a parameter (weights saved by every micro-batch) are not counted.
+    Tensors sharing storage with a parameter (weights saved by every micro-batch) are not counted. The hook
+    keeps a detached alias: handing back the tensor itself would make an output saved by its own node (a
+    ReLU's) a reference cycle through C++ that Python's collector cannot free, so a graph whose saved
+    tensors autograd never releases (``W`` runs only part of a graph that ``I`` retained) would leak.
     """
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.untyped_storage().data_ptr() not in skip_storages:
             total[0] += tensor.numel() * tensor.element_size()
-        return tensor
+        return tensor.detach()
 
     return pack
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
@@ -166,3 +168,35 @@ def test_the_halves_of_a_model_stage_cost_one_backward(model):
     weight_half = _flops(lambda: middle.backward_weight(1))
     assert input_half + weight_half == backward
     assert 0 < input_half < backward
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["B", "I-then-W"])
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_a_finished_backward_frees_the_micro_batchs_graph(model, split):
+    """Once a micro-batch's backward is done (B, or I and W), nothing keeps its activations alive.
+
+    I keeps the graph for W (``retain_graph``); W runs only the nodes where parameters hang off the
+    activation path, so the other nodes keep what they saved until the graph is dropped. A saved-tensor hook
+    that hands back the saved tensor itself makes an output saved by its own node (a ReLU's, GELU's) a
+    reference cycle through C++ that Python's collector cannot see: every micro-batch's graph leaked.
+    """
+    stages, inputs, _ = _stages_and_batch(model)
+    hidden = stages[0].forward(0, inputs)
+    middle = stages[1]
+    outputs = []
+    hooks = [
+        module.register_forward_hook(lambda _, __, output: outputs.append(weakref.ref(output)))
+        for module in middle.module.modules()
+    ]
+    grad = torch.ones_like(middle.forward(0, hidden))
+    for hook in hooks:
+        hook.remove()
+    assert outputs
+    if split:
+        middle.backward_input(0, grad)
+        middle.backward_weight(0)
+    else:
+        middle.backward(0, grad)
+    gc.collect()
+    alive = [ref() for ref in outputs if ref() is not None]
+    assert not alive, f"{len(alive)} of {len(outputs)} module outputs outlive the backward"
