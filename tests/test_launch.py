@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipetrain.launch import driver_crash_report
+from pipetrain.crash_report import driver_crash_report
 
 # A driver's stderr as written when its loader process was killed under it, then the process aborted.
 UNCAUGHT_THEN_ABORTED = """\
