@@ -10,13 +10,17 @@ with the memory kept.
 :func:`keep_freed_memory` sets glibc's thresholds so that blocks up to :data:`MMAP_THRESHOLD_BYTES` come
 from the heap and freed memory stays there for the next allocation. The cost is memory: a process keeps
 its peak heap instead of shrinking after it.
+
+:func:`resident_bytes` reads how much host memory the process holds; every worker reports it each step
+(``worker<k>/host_memory_mib``), so memory that grows step after step shows in TensorBoard.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 
-__all__ = ["MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "keep_freed_memory"]
+__all__ = ["MMAP_THRESHOLD_BYTES", "TRIM_THRESHOLD_BYTES", "keep_freed_memory", "resident_bytes"]
 
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 """Blocks up to this size come from the heap (glibc's largest allowed value on 64-bit systems)."""
@@ -44,3 +48,14 @@ def keep_freed_memory() -> bool:
         (_M_TOP_PAD, TOP_PAD_BYTES),
     )
     return all([bool(mallopt(option, value)) for option, value in settings])
+
+
+def resident_bytes() -> int | None:
+    """Host memory this process holds now (its resident set), or ``None`` where ``/proc`` does not say
+    (not Linux)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")

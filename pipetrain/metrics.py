@@ -108,6 +108,8 @@ class WorkerFigures:
     """With replicas: the part of ``allreduce_s`` its optimizer steps waited for."""
     cpu_s: float | None = None
     """CPU seconds of its whole process since the previous step (workers in processes of their own)."""
+    resident_bytes: int | None = None
+    """Host memory its whole process held at the end of the step (workers in processes of their own)."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,8 @@ class StepMetrics:
                 scalars[f"worker{k}/busy_{kind}_s"] = float(getattr(figures, f"busy_{kind}_s"))
             if figures.cpu_s is not None:
                 scalars[f"worker{k}/cpu_s"] = float(figures.cpu_s)
+            if figures.resident_bytes is not None:
+                scalars[f"worker{k}/host_memory_mib"] = figures.resident_bytes / 2**20
             if self.replicas:
                 scalars[f"worker{k}/allreduce_s"] = float(figures.allreduce_s)
                 scalars[f"worker{k}/allreduce_exposed_s"] = float(figures.allreduce_exposed_s)
@@ -248,6 +252,9 @@ def worker_figures(
                 allreduce_s=sum(report.allreduce_s for report in own),
                 allreduce_exposed_s=sum(report.allreduce_exposed_s for report in own),
                 cpu_s=next((r.process_cpu_s for r in own if r.process_cpu_s is not None), None),
+                resident_bytes=next(
+                    (r.process_resident_bytes for r in own if r.process_resident_bytes is not None), None
+                ),
                 **_busy_by_kind(own),
             )
         )

@@ -72,6 +72,9 @@ class StageReport:
     """CPU seconds of the worker's whole process (every thread: compute, transport, reports) since its
     previous step's reports; the same on every stage of a worker. Set by the RPC transport (in-process
     workers share the driver's process)."""
+    process_resident_bytes: int | None = None
+    """Host memory the worker's whole process held at the end of the step (its resident set); set like
+    ``process_cpu_s``."""
     started_at: float | None = None
     """``time.time()`` when the stage's worker began the step: its request there and its previous step
     done (``None`` where no worker runner sent the report)."""

@@ -58,6 +58,8 @@ def test_default_example_trains_through_torchrun(tmp_path):
     processes = ["perf/driver_cpu_s", "worker0/cpu_s", "worker1/cpu_s"]
     assert all(last[tag] > 0 for tag in processes), last
     assert last["perf/cpu_s"] == pytest.approx(sum(last[tag] for tag in processes))
+    # Each worker's host memory: a process with torch loaded holds well over 50 MiB.
+    assert all(50 < last[f"worker{k}/host_memory_mib"] < 8192 for k in range(2)), last
     assert losses[-1] < 0.75 * losses[0], losses
     assert (tmp_path / "config.yaml").is_file()
     assert list((tmp_path / "traces").glob("*.json"))

@@ -15,6 +15,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from pipetrain.host_memory import resident_bytes
 
 FAULTS_PER_STEP = """
 import json, resource, sys, torch
@@ -58,3 +61,13 @@ def test_a_training_loop_stops_faulting_pages_in_once_its_memory_is_kept():
     assert statistics.median(faults_kept) < 0.1 * weight_pages, faults_kept
     # glibc's default gives large blocks back (or maps them anew), and the count sees it
     assert sum(faults_default) > 4 * sum(faults_kept), (faults_default, faults_kept)
+
+
+def test_resident_bytes_counts_memory_the_process_touches():
+    """A 256 MiB tensor, filled, adds about that much to what the process holds; freed, it may stay."""
+    before = resident_bytes()
+    assert before is not None and before > 0
+    block = torch.ones(64 * 2**20)  # 256 MiB of float32
+    grown = resident_bytes()
+    assert grown - before > 200 * 2**20, (before, grown)
+    del block

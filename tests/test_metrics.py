@@ -272,7 +272,21 @@ def test_cpu_figures_add_up_the_processes_and_stay_out_without_them() -> None:
     in_process = step_metrics(
         1, 1.0, 8, 1.0, 2.0, [dataclasses.replace(r, process_cpu_s=None) for r in reports], schedule
     )
-    assert not any("cpu" in tag for tag in in_process.scalars())
+    assert not any("cpu" in tag or "host_memory" in tag for tag in in_process.scalars())
+
+
+def test_each_workers_host_memory_is_logged_once_in_mib() -> None:
+    schedule = build_schedule("interleaved_1f1b", 4, 4, 2)
+    reports = [
+        dataclasses.replace(
+            _report(s, (C, f"{s}F0", 0.0, 1.0)), process_resident_bytes=(300 + 100 * (s % 2)) << 20
+        )
+        for s in range(4)
+    ]
+    metrics = step_metrics(1, 1.0, 8, 1.0, 2.0, reports, schedule)
+    assert [figures.resident_bytes for figures in metrics.workers] == [300 << 20, 400 << 20]
+    scalars = metrics.scalars()
+    assert (scalars["worker0/host_memory_mib"], scalars["worker1/host_memory_mib"]) == (300.0, 400.0)
 
 
 def test_format_progress() -> None:

@@ -40,6 +40,7 @@ import torch.distributed.rpc as rpc
 
 from pipetrain.config import RpcConfig
 from pipetrain.failures import StageError, StageFailure
+from pipetrain.host_memory import resident_bytes
 from pipetrain.rendezvous import INIT_METHOD
 from pipetrain.runner import PLAIN_STEP, OptimizerStepRequest, Work, WorkerRunner, completed, result_or_error
 from pipetrain.schedule import Action, Schedule
@@ -151,16 +152,20 @@ class RpcRunner:
     @rpc.functions.async_execution
     def optimizer_step(self, step_id: int, request: OptimizerStepRequest) -> torch.futures.Future:
         """Step the stages once their actions of ``step_id`` are done; the future carries their reports,
-        with the CPU time this process spent since the previous step's."""
-        return self._started().optimizer_step(step_id, request).then(self._with_process_cpu)
+        with the CPU time this process spent since the previous step's and the host memory it holds."""
+        return self._started().optimizer_step(step_id, request).then(self._with_process_figures)
 
-    def _with_process_cpu(self, reports: torch.futures.Future) -> Any:
+    def _with_process_figures(self, reports: torch.futures.Future) -> Any:
         value = result_or_error(reports)
         if isinstance(value, BaseException):
             return value
         now = time.process_time()
         spent, self._cpu_mark = now - self._cpu_mark, now
-        return [dataclasses.replace(report, process_cpu_s=spent) for report in value]
+        resident = resident_bytes()
+        return [
+            dataclasses.replace(report, process_cpu_s=spent, process_resident_bytes=resident)
+            for report in value
+        ]
 
     @rpc.functions.async_execution
     def evaluation_reports(self, step_id: int) -> torch.futures.Future:
