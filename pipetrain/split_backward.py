@@ -11,6 +11,10 @@ activation-path output (autograd skips the outputs no requested gradient needs),
 flowing *into* each junction on the way. The graph is kept. :func:`weight_grad` later re-enters each
 junction with that recorded gradient, asking only for its parameters: autograd now computes just the
 parameter-side outputs. Together the two halves run each node's work once, like one full backward.
+A linear layer's junction is not re-entered: :func:`weight_grad` adds its weight gradient into ``.grad``
+with one ``addmm_`` of the recorded gradient and the layer's saved input, where autograd would first
+compute the gradient apart and then add it (one more pass over a weight-sized block: a quarter of the
+weight-gradient time of a 1536-wide MLP stage, measured in a zb_h1 run).
 
 A graph where a parameter is reached through two junctions (a layer applied twice, tied weights) would
 count some parameter gradients twice; :func:`input_grad` refuses it with :class:`UnsplittableBackward`,
@@ -170,6 +174,8 @@ def weight_grad(pending: PendingWeightGrad) -> None:
         tensors, grads = pending.roots
         torch.autograd.backward(tensors, grads)
     for junction in pending.junctions:
+        if _accumulate_linear(junction):
+            continue
         edges, grads = [], []
         for k, g in enumerate(junction.grads or ()):
             if g is not None:
@@ -188,3 +194,51 @@ def weight_grad(pending: PendingWeightGrad) -> None:
     pending.junctions.clear()
     pending.outputs.clear()
     pending.roots = None
+
+
+def _accumulate_linear(junction: _Junction) -> bool:
+    """``W`` of a linear layer (``addmm``: bias + input @ weight.T) straight into ``.grad``; ``False``
+    (nothing done) for any other junction.
+
+    Autograd would compute the weight gradient into a tensor of its own, then add it to ``.grad``: for a
+    wide layer that is one more pass over a weight-sized block of memory. One ``addmm_`` with the gradient
+    held since ``I`` and the layer's saved input does both at once.
+    """
+    node = junction.node
+    if node.name() != "AddmmBackward0" or len(junction.grads or ()) != 1 or len(junction.parameters) != 2:
+        return False
+    (bias_node, _), _, (transpose, _) = node.next_functions
+    if transpose is None or transpose.name() != "TBackward0":
+        return False
+    weight_node = transpose.next_functions[0][0]
+    weight, bias = getattr(weight_node, "variable", None), getattr(bias_node, "variable", None)
+    grad = junction.grads[0]
+    if (
+        weight is None
+        or bias is None
+        or {id(weight), id(bias)} != {id(p) for p in junction.parameters}
+        or grad is None
+        or node._saved_alpha != 1
+        or node._saved_beta != 1
+    ):
+        return False
+    layer_input = node._saved_mat1
+    if not (
+        grad.dim() == layer_input.dim() == weight.dim() == 2
+        and bias.dim() == 1
+        and grad.dtype == layer_input.dtype == weight.dtype == bias.dtype
+        and all(
+            p.grad is None or (p.grad.is_contiguous() and p.grad.dtype == p.dtype) for p in (weight, bias)
+        )
+    ):
+        return False
+    if weight.grad is None:
+        weight.grad = grad.t().mm(layer_input)
+    else:
+        weight.grad.addmm_(grad.t(), layer_input)
+    bias_grad = grad.sum(0)
+    if bias.grad is None:
+        bias.grad = bias_grad
+    else:
+        bias.grad += bias_grad
+    return True

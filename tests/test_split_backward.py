@@ -66,8 +66,19 @@ def _mlp_stage(stage_idx: int, make_module=_mlp) -> Stage:
     return Stage(stage_idx, 3, make_module(), torch.device("cpu"), optimizer, get_loss("cross_entropy"), 1.0)
 
 
+def _addmm_inplace_flops(_, left, right, *__, **___) -> int:
+    """``addmm_``'s matrix product (FlopCounterMode counts ``addmm`` but not its in-place form, which ``W``
+    uses to accumulate a linear layer's weight gradient)."""
+    return 2 * left.shape[0] * left.shape[1] * right.shape[1]
+
+
+_addmm_inplace_flops._get_raw = True  # called with the tensors, not their shapes
+
+
 def _flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops}
+    ) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -200,3 +211,27 @@ def test_a_finished_backward_frees_the_micro_batchs_graph(model, split):
     gc.collect()
     alive = [ref() for ref in outputs if ref() is not None]
     assert not alive, f"{len(alive)} of {len(outputs)} module outputs outlive the backward"
+
+
+def test_w_accumulates_a_linear_layers_gradients_in_place_as_b_would():
+    """Over several micro-batches, W adds each linear layer's weight gradient into ``.grad`` with one
+    ``addmm_`` (no weight-sized gradient of its own first), and the sums equal those of full backwards."""
+    xs, grads = torch.randn(3, 16, 64), torch.randn(3, 16, 64)
+    full, split = _mlp_stage(1), _mlp_stage(1)
+    for mb in range(3):
+        full.forward(mb, xs[mb])
+        full.backward(mb, grads[mb])
+        split.forward(mb, xs[mb])
+        split.backward_input(mb, grads[mb])
+    split.backward_weight(0)
+    with FlopCounterMode(
+        display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops}
+    ) as counter:
+        split.backward_weight(1)
+    products = counter.get_flop_counts()["Global"]
+    assert set(products) == {torch.ops.aten.addmm_}, products  # both linear layers, nothing else
+    split.backward_weight(2)
+    for (name, ours), reference in zip(
+        split.module.named_parameters(), full.module.parameters(), strict=True
+    ):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-6, msg=name)
