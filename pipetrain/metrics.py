@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
@@ -224,6 +225,11 @@ def _busy_by_kind(reports: Sequence[StageReport]) -> dict[str, float]:
     return busy
 
 
+def _first_known(values: Iterable[Any]) -> Any:
+    """The first value that is not ``None`` (a per-process figure, the same on every stage of a worker)."""
+    return next((value for value in values if value is not None), None)
+
+
 def _by_stage(reports: Sequence[StageReport]) -> list[StageReport]:
     return sorted(reports, key=lambda report: report.stage_idx)
 
@@ -251,10 +257,8 @@ def worker_figures(
                 sent_bytes=sum(report.sent_bytes for report in own),
                 allreduce_s=sum(report.allreduce_s for report in own),
                 allreduce_exposed_s=sum(report.allreduce_exposed_s for report in own),
-                cpu_s=next((r.process_cpu_s for r in own if r.process_cpu_s is not None), None),
-                resident_bytes=next(
-                    (r.process_resident_bytes for r in own if r.process_resident_bytes is not None), None
-                ),
+                cpu_s=_first_known(report.process_cpu_s for report in own),
+                resident_bytes=_first_known(report.process_resident_bytes for report in own),
                 **_busy_by_kind(own),
             )
         )
