@@ -214,9 +214,10 @@ class Stage:
     def backward_input(self, mb_idx: int, grad_output: Any | None = None) -> Any | None:
         """The first half of micro-batch ``mb_idx``'s backward (``I``): return the gradient of its input.
 
-        Like :meth:`backward`, but the parameter gradients wait for :meth:`backward_weight`; the graph
-        and the gradients reaching the parameters' uses are kept (and counted as activation memory) until
-        then. Where the graph cannot be split, this runs the full backward (logged once per stage) and
+        Like :meth:`backward`, but the parameter gradients wait for :meth:`backward_weight`; what they
+        need is kept (and counted as activation memory) until then: the gradients reaching the
+        parameters' uses, and the tensors those uses saved (linear layers, layer norms) or else the whole
+        graph. Where the graph cannot be split, this runs the full backward (logged once per stage) and
         :meth:`backward_weight` has nothing left to do.
         """
         start = time.time()
@@ -225,7 +226,13 @@ class Stage:
         pending = PendingWeightGrad()
         if tensors and self._split_refused is None:
             try:
-                results, pending = input_grad(tensors, grads, leaves, list(self.module.named_parameters()))
+                results, pending = input_grad(
+                    tensors,
+                    grads,
+                    leaves,
+                    list(self.module.named_parameters()),
+                    keep_graph=mb_idx in self._recompute,
+                )
             except UnsplittableBackward as error:
                 self._split_refused = str(error)
                 _log.warning(
@@ -242,8 +249,10 @@ class Stage:
             torch.autograd.backward(tensors, grads)
             self._release(mb_idx)
         else:
-            held = pending.grad_bytes
-            self._saved_bytes[mb_idx] += held
+            if not pending.keeps_graph:
+                self._release(mb_idx)  # the graph is gone; what W needs of it is counted below
+            held = pending.held_bytes(self._parameter_storages)
+            self._saved_bytes[mb_idx] = self._saved_bytes.get(mb_idx, 0) + held
             self._held_bytes += held
             self._peak_saved_bytes = max(self._peak_saved_bytes, self._held_bytes)
         grad_input = boundary.input_grads(x) if self.stage_idx > 0 else None

@@ -113,9 +113,34 @@ def test_memory_held_from_input_to_weight_gradient_is_counted():
         split.backward_weight(mb)
     assert split._held_bytes == 0 == full._held_bytes
     full_peak, split_peak = full.step().peak_activation_bytes, split.step().peak_activation_bytes
-    # Two micro-batches' activations, plus the gradients I recorded for W (at least one per linear layer).
-    assert split_peak == held > full_peak > 0
-    assert held - full_peak >= 2 * (32 * 128 + 32 * 64) * 4
+    # Every junction has a weight rule, so I freed each graph and keeps, per micro-batch, the gradient into
+    # each junction (layer norm 32x64, second linear 32x64, first linear 32x128) and what each rule reads:
+    # the layer norm's input (32x64) with its mean and 1/std (32x1 each), and the linear layers' inputs
+    # (32x128 and 32x64).
+    kept_per_microbatch = (2 * 32 * 64 + 32 * 128) * 4 + (32 * 64 + 2 * 32 + 32 * 128 + 32 * 64) * 4
+    assert split_peak == held == 2 * kept_per_microbatch
+    # The whole graph and the gradients would be more.
+    assert 0 < held < full_peak + 2 * (2 * 32 * 64 + 32 * 128) * 4
+
+
+def test_a_recomputed_micro_batch_keeps_its_graph_from_input_to_weight_gradient():
+    """A graph whose saved tensors activation checkpointing recomputes is not read ahead of autograd: I
+    keeps it whole for W, and the gradients still equal a full backward's."""
+    x, grad = torch.randn(32, 64), torch.randn(32, 64)
+    optimizer = functools.partial(torch.optim.SGD, lr=0.1)
+    loss = get_loss("cross_entropy")
+    recomputed = Stage(1, 3, _mlp(), torch.device("cpu"), optimizer, loss, 1.0, recompute_microbatches=[0])
+    torch.manual_seed(0)
+    full = _mlp_stage(1)
+    recomputed.module.load_state_dict(full.module.state_dict())
+    full.forward(0, x)
+    full.backward(0, grad)
+    recomputed.forward(0, x)
+    recomputed.backward_input(0, grad)
+    assert recomputed._pending_weight_grads[0].keeps_graph
+    recomputed.backward_weight(0)
+    for p_full, p_split in zip(full.module.parameters(), recomputed.module.parameters(), strict=True):
+        torch.testing.assert_close(p_split.grad, p_full.grad)
 
 
 class _TwiceApplied(nn.Module):
@@ -235,3 +260,53 @@ def test_w_accumulates_a_linear_layers_gradients_in_place_as_b_would():
         split.module.named_parameters(), full.module.parameters(), strict=True
     ):
         torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Scaled(nn.Module):
+    """A linear layer, a layer norm without bias, a bias-free linear layer on a 3-D input, and (when
+    ``scale``) an elementwise scale parameter, which no weight rule covers."""
+
+    def __init__(self, scale: bool) -> None:
+        super().__init__()
+        self.first = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32, bias=False)
+        self.second = nn.Linear(32, 16, bias=False)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 16)) if scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.second(self.norm(self.first(x)))
+        return y * self.scale if self.scale is not None else y
+
+
+@pytest.mark.parametrize("scale", [False, True], ids=["rules-only", "with-a-junction-no-rule-covers"])
+def test_w_computes_from_what_i_kept_and_equals_b(scale):
+    """With a rule for every junction I frees the graph and W computes from the saved inputs; one
+    junction without a rule keeps the whole graph for autograd. Both equal full backwards, summed over
+    micro-batches."""
+    xs, grads = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16)
+    full, split = (_mlp_stage(1, functools.partial(_Scaled, scale)) for _ in range(2))
+    for mb in range(2):
+        full.forward(mb, xs[mb])
+        reference = full.backward(mb, grads[mb])
+        split.forward(mb, xs[mb])
+        torch.testing.assert_close(split.backward_input(mb, grads[mb]), reference)
+        assert split._pending_weight_grads[mb].keeps_graph == scale
+    for mb in range(2):
+        split.backward_weight(mb)
+    for (name, ours), reference in zip(
+        split.module.named_parameters(), full.module.parameters(), strict=True
+    ):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt"])
+def test_model_stages_free_their_graph_at_the_input_gradient(model):
+    """Every junction of the MLP's and the GPT model's middle stages (linear layers with and without bias,
+    layer norms) has a weight rule: I frees their graphs and W needs no autograd."""
+    stages, inputs, _ = _stages_and_batch(model)
+    middle = stages[1]
+    grad = torch.ones_like(middle.forward(0, stages[0].forward(0, inputs)))
+    middle.backward_input(0, grad)
+    pending = middle._pending_weight_grads[0]
+    assert pending.junctions and not pending.keeps_graph
+    assert all(junction.rule is not None for junction in pending.junctions)

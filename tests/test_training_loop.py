@@ -296,11 +296,12 @@ def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
         preflight(cfg)
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
 @pytest.mark.parametrize("model", ["mlp", "gpt"])
 @pytest.mark.parametrize("mode", ["except_last", "always"])
-def test_activation_checkpointing_is_exact_and_holds_less(tmp_path, model, mode):
+def test_activation_checkpointing_is_exact_and_holds_less(tmp_path, model, mode, schedule):
     def run(checkpointing: str, run_dir):
-        cfg = make_config(model, 2, "1f1b", num_microbatches=4, steps=3)
+        cfg = make_config(model, 2, schedule, num_microbatches=4, steps=3)
         cfg.pipeline.activation_checkpointing = checkpointing
         return train_pipelined(cfg, run_dir), logged(run_dir)
 
@@ -309,10 +310,13 @@ def test_activation_checkpointing_is_exact_and_holds_less(tmp_path, model, mode)
 
     assert_same_training(losses, state, reference_losses, reference_state)
     # except_last keeps the last micro-batch whole: the last stage, one micro-batch at a time, gains nothing.
+    # Under zb_h1 the last stage's peak comes after I, which keeps a recomputed graph whole for W (it must
+    # not read recomputed tensors ahead of autograd), where a graph not recomputed keeps only what W needs.
     for worker in (0, 1) if mode == "always" else (0,):
         held = entries[-1][f"worker{worker}/peak_activation_mib"]
         kept = reference_entries[-1][f"worker{worker}/peak_activation_mib"]
-        assert held < (0.5 if mode == "always" else 0.8) * kept, (worker, held, kept)
+        bound = 1.0 if schedule == "zb_h1" and worker == 1 else 0.5 if mode == "always" else 0.8
+        assert held < bound * kept, (worker, held, kept)
 
 
 def test_activation_checkpointing_refuses_batchnorm_and_unknown_modes():
