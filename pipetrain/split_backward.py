@@ -86,46 +86,63 @@ class PendingWeightGrad:
         return sum(storages.values())
 
 
-def _parameter_nodes(
-    named_parameters: Sequence[tuple[str, torch.nn.Parameter]],
-) -> dict[Any, tuple[str, torch.nn.Parameter]]:
-    """Each parameter's gradient-accumulating node (the graph's leaf node for it), with its name."""
-    nodes = {}
-    for name, p in named_parameters:
-        if p.requires_grad:
-            nodes[torch.autograd.graph.get_gradient_edge(p).node] = (name, p)
-    return nodes
-
-
-def _graph(roots: Sequence[Any]) -> list[Any]:
-    """Every node reachable from ``roots``, parents before children (reverse post-order)."""
-    seen: set[Any] = set()
+def _graph(roots: Sequence[Any]) -> tuple[list[Any], dict[Any, list[Any]]]:
+    """Every node reachable from ``roots``, parents before children (reverse post-order), and each
+    node's children (its ``next_functions``, read once: each read builds Python objects)."""
+    children: dict[Any, list[Any]] = {}
     post: list[Any] = []
     for root in roots:
-        if root is None or root in seen:
+        if root is None or root in children:
             continue
-        seen.add(root)
-        stack = [(root, iter(root.next_functions))]
+        children[root] = [c for c, _ in root.next_functions if c is not None]
+        stack = [(root, iter(children[root]))]
         while stack:
-            node, children = stack[-1]
-            for child, _ in children:
-                if child is not None and child not in seen:
-                    seen.add(child)
-                    stack.append((child, iter(child.next_functions)))
+            node, pending = stack[-1]
+            for child in pending:
+                if child not in children:
+                    children[child] = [c for c, _ in child.next_functions if c is not None]
+                    stack.append((child, iter(children[child])))
                     break
             else:
                 stack.pop()
                 post.append(node)
-    return post[::-1]
+    return post[::-1], children
 
 
-def _reaches(nodes: list[Any], targets: set[Any]) -> set[Any]:
+def _reaches(nodes: list[Any], children: dict[Any, list[Any]], targets: set[Any]) -> set[Any]:
     """The nodes among ``nodes`` (parents first) from which some node of ``targets`` is reachable."""
     hit = set(targets)
     for node in reversed(nodes):
-        if any(child in hit for child, _ in node.next_functions):
+        if any(child in hit for child in children[node]):
             hit.add(node)
     return hit
+
+
+def _below(starts: list[Any], children: dict[Any, list[Any]]) -> set[Any]:
+    """``starts`` and every node reachable from them."""
+    seen, stack = set(starts), list(starts)
+    while stack:
+        for child in children[stack.pop()]:
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return seen
+
+
+def _parameter_nodes(
+    nodes: list[Any],
+    children: dict[Any, list[Any]],
+    named_parameters: Sequence[tuple[str, torch.nn.Parameter]],
+) -> dict[Any, tuple[str, torch.nn.Parameter]]:
+    """The graph's leaf nodes that accumulate a parameter's gradient, with the parameter and its name."""
+    by_id = {id(p): (name, p) for name, p in named_parameters}
+    found = {}
+    for node in nodes:
+        if not children[node]:
+            variable = getattr(node, "variable", None)  # only a leaf's AccumulateGrad node has one
+            if variable is not None and id(variable) in by_id:
+                found[node] = by_id[id(variable)]
+    return found
 
 
 def input_grad(
@@ -143,21 +160,21 @@ def input_grad(
     checkpointing, must not be read ahead of autograd). ``UnsplittableBackward`` naming the parameter when
     the graph cannot be split (see the module doc).
     """
-    param_nodes = _parameter_nodes(named_parameters)
+    if not inputs:  # nothing to compute now: W is the whole backward
+        return [], PendingWeightGrad(roots=(outputs, grads), outputs=outputs)
+    nodes, children = _graph([t.grad_fn for t in outputs])
     input_nodes = {torch.autograd.graph.get_gradient_edge(x).node for x in inputs}
-    nodes = _graph([t.grad_fn for t in outputs])
-    on_path = _reaches(nodes, input_nodes) - input_nodes
+    on_path = _reaches(nodes, children, input_nodes) - input_nodes
     if not on_path:
         return [None] * len(inputs), PendingWeightGrad(roots=(outputs, grads), outputs=outputs)
-    to_params = _reaches(nodes, set(param_nodes))
-    junctions = _junctions(nodes, on_path, to_params, param_nodes)
+    param_nodes = _parameter_nodes(nodes, children, named_parameters)
+    to_params = _reaches(nodes, children, set(param_nodes))
+    junctions = _junctions(nodes, children, on_path, to_params, param_nodes)
     for t in outputs:
         if t.grad_fn is not None and t.grad_fn not in on_path and t.grad_fn in to_params:
             raise UnsplittableBackward("an output depends on parameters apart from the input")
-    free_graph = not keep_graph and all(j.rule is not None for j in junctions)
-    if free_graph:
-        for junction in junctions:
-            junction.saved = junction.rule.saved(junction.node)
+    if not keep_graph and all(j.rule is not None for j in junctions):
+        return _input_grad_freeing_the_graph(outputs, grads, inputs, junctions)
 
     def _recorder(junction: _Junction):
         def record(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
@@ -167,33 +184,53 @@ def input_grad(
 
     handles = [j.node.register_prehook(_recorder(j)) for j in junctions]
     try:
-        result = torch.autograd.grad(outputs, inputs, grads, retain_graph=not free_graph, allow_unused=True)
+        result = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
     for junction in junctions:
         if junction.grads is None:
             raise UnsplittableBackward("a node on the activation path did not run during the input gradient")
-    return list(result), PendingWeightGrad(junctions=junctions, outputs=[] if free_graph else outputs)
+    return list(result), PendingWeightGrad(junctions=junctions, outputs=outputs)
+
+
+def _input_grad_freeing_the_graph(
+    outputs: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+    inputs: list[torch.Tensor],
+    junctions: list[_Junction],
+) -> tuple[list[torch.Tensor | None], PendingWeightGrad]:
+    """:func:`input_grad` where every junction has a rule: read what the rules need, then run autograd
+    without keeping the graph, asking it also for the gradient flowing into each junction (a rule's node
+    has one gradient input), which autograd hands back without a Python call per node."""
+    for junction in junctions:
+        junction.saved = junction.rule.saved(junction.node)
+    edges = [GradientEdge(junction.node, 0) for junction in junctions]
+    result = torch.autograd.grad(outputs, [*inputs, *edges], grads, allow_unused=True)
+    for junction, grad in zip(junctions, result[len(inputs) :], strict=True):
+        junction.grads = (grad,)
+    return list(result[: len(inputs)]), PendingWeightGrad(junctions=junctions)
 
 
 def _junctions(
     nodes: list[Any],
+    children: dict[Any, list[Any]],
     on_path: set[Any],
     to_params: set[Any],
     param_nodes: dict[Any, tuple[str, torch.nn.Parameter]],
 ) -> list[_Junction]:
     """The junctions among ``nodes`` (parents first; ``to_params``: those leading to a parameter), each
-    with its parameters and rule."""
+    with its parameters (in the order of ``param_nodes``) and rule."""
     junctions: list[_Junction] = []
     owner: dict[Any, Any] = {}
     for node in nodes:
         if node not in on_path:
             continue
-        side = [c for c, _ in node.next_functions if c is not None and c not in on_path and c in to_params]
+        side = [c for c in children[node] if c not in on_path and c in to_params]
         if not side:
             continue
-        reached = [n for n in _graph(side) if n in param_nodes]
+        below = _below(side, children)
+        reached = [leaf for leaf in param_nodes if leaf in below]
         for leaf in reached:
             if owner.setdefault(leaf, node) is not node:
                 raise UnsplittableBackward(
