@@ -16,8 +16,8 @@ models), ``I`` keeps only the few tensors each junction saved for its parameter 
 layer's input, a layer norm's input and statistics) and frees the rest of the graph as it goes, as a full
 backward does; ``W`` computes from them with a few tensor ops. Otherwise ``I`` keeps the whole graph, and
 ``W`` re-enters each junction without a rule with its recorded gradient, asking autograd for its
-parameters only. Freeing early makes ``I`` about a sixth cheaper on a GPT stage (no retained buffers for
-the allocator to work around) and lowers the memory held from ``I`` to ``W``.
+parameters only. Freeing early lowers the memory held from ``I`` to ``W`` and makes ``I`` cheaper (on a
+GPT stage, the same input-gradient pass took 9.4 ms freeing the graph and 11.4 ms keeping it).
 
 A graph where a parameter is reached through two junctions (a layer applied twice, tied weights) would
 count some parameter gradients twice; :func:`input_grad` refuses it with :class:`UnsplittableBackward`,
@@ -29,6 +29,7 @@ the input. A stage whose input carries no gradient (the first stage) has no acti
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,7 @@ class PendingWeightGrad:
         """Whether the graph (and all it saved) is held until ``W``."""
         return bool(self.outputs)
 
-    def held_bytes(self, skip_storages: set[int] = frozenset()) -> int:
+    def held_bytes(self, skip_storages: AbstractSet[int] = frozenset()) -> int:
         """Bytes held from ``I`` to ``W`` beyond the graph: the recorded gradients and the tensors read
         from the graph for the rules (those sharing storage with ``skip_storages``, e.g. parameters, and
         repeats of one storage are not counted)."""
@@ -255,11 +256,8 @@ def weight_grad(pending: PendingWeightGrad) -> None:
                 saved = junction.saved if junction.saved is not None else junction.rule.saved(junction.node)
                 junction.rule.accumulate(incoming[0], saved)
             continue
-        if not pending.keeps_graph:
-            raise RuntimeError(
-                f"{junction.node.name()} received gradients on outputs its weight rule does not cover, and "
-                "its graph was freed; compute with the module's own outputs only"
-            )
+        if not pending.keeps_graph:  # input_grad frees the graph only where every junction has a rule
+            raise RuntimeError(f"{junction.node.name()}: no graph left to compute its parameter gradients")
         edges, grads = [], []
         for k, g in enumerate(incoming):
             if g is not None:
