@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch.autograd.graph import GradientEdge
 
-from pipetrain.weight_rules import WeightRule, rule_for
+from pipetrain.weight_rules import WeightRule, accumulate_grad, rule_for
 
 __all__ = ["PendingWeightGrad", "UnsplittableBackward", "input_grad", "weight_grad"]
 
@@ -267,12 +267,8 @@ def weight_grad(pending: PendingWeightGrad) -> None:
             continue
         param_grads = torch.autograd.grad(edges, junction.parameters, grads, allow_unused=True)
         for p, g in zip(junction.parameters, param_grads, strict=True):
-            if g is None:
-                continue
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad += g
+            if g is not None:
+                accumulate_grad(p, g)
     pending.junctions.clear()
     pending.outputs.clear()
     pending.roots = None

@@ -16,11 +16,12 @@ gets no rule and is handled by autograd.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["WeightRule", "rule_for"]
+__all__ = ["LayerNormRule", "LinearRule", "WeightRule", "accumulate_grad", "rule_for"]
 
 
 class WeightRule(Protocol):
@@ -33,7 +34,8 @@ class WeightRule(Protocol):
         """Add the parameters' gradients for the node's incoming ``grad`` into their ``.grad``."""
 
 
-def _accumulate(parameter: torch.nn.Parameter, grad: torch.Tensor) -> None:
+def accumulate_grad(parameter: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    """Add ``grad`` into ``parameter.grad`` (taking it as the gradient when there is none yet)."""
     if parameter.grad is None:
         parameter.grad = grad
     else:
@@ -59,13 +61,14 @@ def _same(found: list[torch.nn.Parameter | None], parameters: list[torch.nn.Para
     return len(present) == len(parameters) and {id(p) for p in present} == {id(p) for p in parameters}
 
 
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields are parameters
 class LinearRule:
     """``y = x @ W.T (+ b)`` on a 2-D ``x`` (``addmm`` with a bias, ``mm`` without; a linear layer on a
     3-D input runs on its 2-D view): ``W.grad += grad.T @ x`` as one ``addmm_``, ``b.grad += grad.sum(0)``.
     """
 
-    def __init__(self, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None) -> None:
-        self.weight, self.bias = weight, bias
+    weight: torch.nn.Parameter
+    bias: torch.nn.Parameter | None
 
     @classmethod
     def match(cls, node: Any, parameters: list[torch.nn.Parameter]) -> LinearRule | None:
@@ -95,15 +98,16 @@ class LinearRule:
         else:
             self.weight.grad.addmm_(grad.t(), layer_input)
         if self.bias is not None:
-            _accumulate(self.bias, grad.sum(0))
+            accumulate_grad(self.bias, grad.sum(0))
 
 
+@dataclass(frozen=True, eq=False)  # compared by identity: its fields are parameters
 class LayerNormRule:
     """Layer norm's affine parameters, from the normalized statistics it saved (one kernel call, asked
     for the weight and bias gradients only, as autograd would ask it)."""
 
-    def __init__(self, weight: torch.nn.Parameter, bias: torch.nn.Parameter | None) -> None:
-        self.weight, self.bias = weight, bias
+    weight: torch.nn.Parameter
+    bias: torch.nn.Parameter | None
 
     @classmethod
     def match(cls, node: Any, parameters: list[torch.nn.Parameter]) -> LayerNormRule | None:
@@ -133,9 +137,9 @@ class LayerNormRule:
             self.bias,
             [False, True, self.bias is not None],
         )
-        _accumulate(self.weight, weight_grad)
+        accumulate_grad(self.weight, weight_grad)
         if self.bias is not None:
-            _accumulate(self.bias, bias_grad)
+            accumulate_grad(self.bias, bias_grad)
 
 
 _RULES = (LinearRule, LayerNormRule)
