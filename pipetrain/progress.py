@@ -1,93 +1,87 @@
-"""A worker's progress reports to the driver, merged so that short actions do not send one each.
+"""A worker's progress reports to the driver, sent only for actions that run long.
 
-The driver needs a worker's reports only to name the action a dead or stuck worker was running, yet each
-report costs CPU on both sides. :class:`ThrottledProgress` sends the first report after a quiet spell at
-once and merges the ones that follow within :data:`REPORT_EVERY_S` into one, sent when that time is up by
-the worker's :class:`DeferredCalls` thread. That thread lives as long as the worker: starting a thread per
-merged report cost the compute thread a thread start each time (7% of its samples in a profile of an
-interleaved step), since ``Thread.start`` waits until the new thread runs.
+The driver needs a worker's reports for two things: to name the action a dead or stuck worker was running,
+and to see that a worker still moves (the ``rpc.timeout_s`` watchdog). Each report costs a round trip
+and several thread wake-ups in both processes, and on a machine whose cores all compute, every wake-up
+takes a core from a compute thread. So a worker does not report actions as they end. Its
+:class:`ActionWatch` thread looks at the action under way every :data:`REPORT_AFTER_S`, and reports it
+when it has run that long: a failure during such an action names it. Short actions are reported only
+by a heartbeat every :data:`HEARTBEAT_S` while the step moves, which is all the watchdog needs. A worker
+that dies during a short action is named with the last action the driver heard of.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["REPORT_EVERY_S", "DeferredCalls", "ThrottledProgress"]
+__all__ = ["REPORT_AFTER_S", "HEARTBEAT_S", "ActionWatch"]
 
-REPORT_EVERY_S = 0.02
-"""How often at most a worker reports its progress to the driver."""
+REPORT_AFTER_S = 0.01
+"""An action (or the wait for its input) still under way this long after it began is reported."""
+
+HEARTBEAT_S = 0.25
+"""While a step moves through short actions, the latest count is reported this often."""
 
 
-class DeferredCalls:
-    """One daemon thread that makes calls at their due times (``time.monotonic()``), in due order."""
+class ActionWatch:
+    """One worker's progress reports, step after step, from one long-lived daemon thread.
 
-    def __init__(self, name: str) -> None:
+    The compute thread calls :meth:`begin` with a step's report function, :meth:`done` as its actions
+    end, and :meth:`end` when the step is over. ``done`` only records the count and the time (no thread
+    is woken); the watch thread wakes every ``report_after_s`` during a step and calls ``report(n)`` (the
+    first ``n`` actions are done, the next is under way) when the next action has been under way for
+    ``report_after_s``, or when ``heartbeat_s`` has passed since the last report and the count has grown.
+    """
+
+    def __init__(
+        self, name: str, report_after_s: float = REPORT_AFTER_S, heartbeat_s: float = HEARTBEAT_S
+    ) -> None:
         self._name = name
-        self._due: list[tuple[float, int, Callable[[], None]]] = []
-        self._order = itertools.count()
+        self._report_after_s = report_after_s
+        self._heartbeat_s = heartbeat_s
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._report: Callable[[int], None] | None = None
+        self._count = 0
+        self._since = 0.0
+        self._reported = 0
+        self._reported_at = 0.0
 
-    def call_at(self, due: float, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` on this object's thread once ``due`` has passed."""
+    def begin(self, report: Callable[[int], None]) -> None:
+        """A step starts: its first action is under way; reports go to ``report``."""
         with self._changed:
-            heapq.heappush(self._due, (due, next(self._order), fn))
+            self._report = report
+            self._count = self._reported = 0
+            self._since = self._reported_at = time.monotonic()
             if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+                self._thread = threading.Thread(target=self._watch, name=self._name, daemon=True)
                 self._thread.start()
             self._changed.notify()
 
-    def _serve(self) -> None:
+    def done(self, count: int) -> None:
+        """The first ``count`` actions of the step are done; the next one (if any) is under way."""
+        with self._changed:
+            self._count = count
+            self._since = time.monotonic()
+
+    def end(self) -> None:
+        """The step is over: nothing more is reported for it."""
+        with self._changed:
+            self._report = None
+
+    def _watch(self) -> None:
         while True:
             with self._changed:
-                while not self._due or self._due[0][0] > time.monotonic():
-                    self._changed.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                _, _, fn = heapq.heappop(self._due)
-            fn()
-
-
-class ThrottledProgress:
-    """One step's progress reports: ``report(n)`` when the first ``n`` actions are done, at most one per
-    :data:`REPORT_EVERY_S`; the driver hears of every action at most that long after its end."""
-
-    def __init__(self, report: Callable[[int], None], later: DeferredCalls) -> None:
-        self._report = report
-        self._later = later
-        self._lock = threading.Lock()
-        self._reported_at = -REPORT_EVERY_S
-        self._latest = 0
-        self._merged_pending = False
-        self._closed = False
-
-    def done(self, count: int) -> None:
-        """The first ``count`` actions of the step are done."""
-        with self._lock:
-            self._latest = count
-            if self._merged_pending or self._closed:  # a merged report will carry this count
-                return
-            now = time.monotonic()
-            due = self._reported_at + REPORT_EVERY_S
-            if due > now:
-                self._merged_pending = True
-                self._later.call_at(due, self._send_merged)
-                return
-            self._reported_at = now
-        self._report(count)
-
-    def close(self) -> None:
-        """The step is over (its future says so): drop a report still waiting."""
-        with self._lock:
-            self._closed = True
-
-    def _send_merged(self) -> None:
-        with self._lock:
-            self._merged_pending = False
-            if self._closed:
-                return
-            self._reported_at = time.monotonic()
-            count = self._latest
-        self._report(count)
+                while self._report is None:
+                    self._changed.wait()
+                self._changed.wait(self._report_after_s)
+                report, count, now = self._report, self._count, time.monotonic()
+                if report is None or count <= self._reported:
+                    continue
+                ran_long = now - self._since >= self._report_after_s
+                if not ran_long and now - self._reported_at < self._heartbeat_s:
+                    continue
+                self._reported, self._reported_at = count, now
+            report(count)

@@ -46,7 +46,7 @@ from pipetrain import boundary
 from pipetrain.failures import StageError
 from pipetrain.gradient_sync import GradientSync
 from pipetrain.profiling import StepProfiler, WorkerProfile
-from pipetrain.progress import DeferredCalls, ThrottledProgress
+from pipetrain.progress import ActionWatch
 from pipetrain.schedule import Action, ActionKind, Schedule, input_dependency, output_consumer
 from pipetrain.stage import Stage
 from pipetrain.timings import SpanCategory, StageReport
@@ -191,7 +191,7 @@ class WorkerRunner:
         self._startable: dict[int, Callable[[], None]] = {}
         self._next_step = 1
         """The id of the next step to start: the driver numbers a worker's steps 1, 2, ..."""
-        self._deferred = DeferredCalls(f"worker{worker_idx}-reports")
+        self._watch = ActionWatch(f"worker{worker_idx}-reports")
 
     def connect(self, fetch_remote: RemoteFetch, channel: BoundaryChannel | None = None) -> None:
         """How this worker pulls the outputs of other workers' actions; with ``channel``, how it sends and
@@ -209,13 +209,13 @@ class WorkerRunner:
     ) -> torch.futures.Future:
         """Start the step's actions; the future completes (``None``, or the error) when all have run.
 
-        ``progress(n)`` is called when the first ``n`` actions are done: at once after a quiet spell, else
-        merged with the following ones into one call at most 20 ms later, from the worker's thread for
-        deferred reports (:mod:`pipetrain.progress`); the last ones may go unreported, as the returned
-        future says all are done. With ``profile``, the step runs under ``torch.profiler`` until its
-        optimizer steps are done; then :meth:`collect_profile` hands the profile out. With ``evaluate``,
-        ``work`` is the forward actions only (:meth:`Schedule.forward_only`), run by
-        :meth:`Stage.evaluate`; no optimizer step follows, :meth:`evaluation_reports` collects the results.
+        ``progress(n)`` says that the first ``n`` actions are done, from the worker's report thread
+        (:mod:`pipetrain.progress`): when action ``n`` has been under way for 10 ms, or as a heartbeat
+        every 0.25 s; short actions go unreported, as the returned future says all are done. With
+        ``profile``, the step runs under ``torch.profiler`` until its optimizer steps are done; then
+        :meth:`collect_profile` hands the profile out. With ``evaluate``, ``work`` is the forward actions
+        only (:meth:`Schedule.forward_only`), run by :meth:`Stage.evaluate`; no optimizer step follows,
+        :meth:`evaluation_reports` collects the results.
         """
         actions = tuple(action for action, _, _ in work)
         expected = self._forward_order if evaluate else self._order
@@ -352,7 +352,7 @@ class WorkerRunner:
         remaining = Counter(action.stage_idx for action, _, _ in work)
         reports: dict[int, StageReport] = {}
         syncs: dict[int, _Sync] = {}
-        reports_to_driver = ThrottledProgress(progress, self._deferred)
+        self._watch.begin(progress)
         local_outputs: dict[Action, Any] = {}
         # The request may have come while the previous step ran: the step begins when both are so.
         started_at = free_at = max(received, time.time())
@@ -372,7 +372,7 @@ class WorkerRunner:
                     output = self._dispatch(action, value, target)
                 self._hand_over(step_id, action, output, local_outputs)
                 free_at = time.time()
-                reports_to_driver.done(position + 1)
+                self._watch.done(position + 1)
                 remaining[action.stage_idx] -= 1
                 if remaining[action.stage_idx] == 0 and self.gradient_sync is not None:
                     failed_stage, running = action.stage_idx, _SYNC
@@ -383,7 +383,7 @@ class WorkerRunner:
                         action.stage_idx, state.step_requested.value(), profiler
                     )
             position = len(work)
-            reports_to_driver.close()
+            self._watch.end()
             done.set_result(None)
             _when_all_done([sync.outcome for sync in syncs.values()], state.gradients_ready)
             request = state.step_requested.wait()
@@ -402,7 +402,7 @@ class WorkerRunner:
                 with self._lock:
                     self._profiler = profiler
         except Exception as error:  # every waiter learns of the failure, nothing waits forever
-            reports_to_driver.close()
+            self._watch.end()
             if profiler is not None:
                 profiler.discard()
             failure = StageError.wrap(error, failed_stage, running)
@@ -428,7 +428,7 @@ class WorkerRunner:
         """An evaluation pass on the compute thread: forward actions only, then the stages' results."""
         state = self._step(step_id)
         local_outputs: dict[Action, Any] = {}
-        reports_to_driver = ThrottledProgress(progress, self._deferred)
+        self._watch.begin(progress)
         position, failed_stage, running = 0, min(self.stages), "evaluation"
         try:
             for position, ((action, _, target), arrival) in enumerate(zip(work, arrivals, strict=True)):
@@ -439,14 +439,14 @@ class WorkerRunner:
                     value = _result(arrival)[0]
                 output = self.stages[action.stage_idx].evaluate(action.mb_idx, value, target)
                 self._hand_over(step_id, action, output, local_outputs)
-                reports_to_driver.done(position + 1)
+                self._watch.done(position + 1)
             position = len(work)
-            reports_to_driver.close()
+            self._watch.end()
             done.set_result(None)
             state.step_requested.wait()
             reports = [self.stages[idx].evaluation_report() for idx in sorted(self.stages)]
         except Exception as error:  # every waiter learns of the failure, nothing waits forever
-            reports_to_driver.close()
+            self._watch.end()
             failure = StageError.wrap(error, failed_stage, running)
             self._fail_consumers(step_id, work[position:], failure)
             if not done.done():

@@ -1,7 +1,8 @@
 """The driver's bookkeeping of a worker's progress reports (``pipetrain.transport``), without processes.
 
 The reports themselves travel over RPC in ``tests/test_distributed.py`` and ``tests/test_failures.py``;
-here: which ``done`` futures a report, a late report, and the stage's reply complete or fail.
+here: which ``done`` futures a report, a late report, and the stage's reply complete or fail, and which
+reports a worker's :class:`~pipetrain.progress.ActionWatch` sends.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import torch
 
 from pipetrain.failures import StageError
-from pipetrain.progress import DeferredCalls, ThrottledProgress
+from pipetrain.progress import ActionWatch
 from pipetrain.runner import completed
 from pipetrain.transport.handle import ProgressTracker
 from pipetrain.transport.rpc import ProgressBoard
@@ -54,34 +55,50 @@ def test_a_failed_step_fails_the_actions_not_reported_done_with_its_error():
     assert all(future.done() for future in done)
 
 
-def test_reports_within_20_ms_of_each_other_merge_into_one_sent_later():
+def _reports_of(watch: ActionWatch) -> list[int]:
     sent: list[int] = []
-    progress = ThrottledProgress(sent.append, DeferredCalls("reports"))
-    progress.done(1)  # after a quiet spell: at once
-    assert sent == [1]
-    for count in range(2, 6):  # actions back to back, well within 20 ms
-        progress.done(count)
-    assert sent == [1]
-    time.sleep(0.2)  # the timer carries the latest count, once
-    assert sent == [1, 5]
-    time.sleep(0.03)
-    progress.done(6)  # 20 ms after the last report: at once
-    assert sent == [1, 5, 6]
-    progress.done(7)
-    progress.close()  # the step is over: the waiting report is dropped
+    watch.begin(sent.append)
+    return sent
+
+
+def test_an_action_under_way_for_10_ms_is_reported_and_short_ones_are_not():
+    watch = ActionWatch("reports-long")
+    sent = _reports_of(watch)
+    for count in range(1, 6):  # five actions back to back, far shorter than 10 ms
+        watch.done(count)
+    time.sleep(0.005)
+    assert sent == []  # no report leaves for an action as it ends
+    time.sleep(0.2)  # action 5 (the sixth) is still under way: the driver hears that five are done
+    assert sent == [5]
     time.sleep(0.1)
-    assert sent == [1, 5, 6]
+    assert sent == [5]  # said once
+    watch.done(6)
+    watch.end()  # the step is over: nothing more is reported for it
+    time.sleep(0.1)
+    assert sent == [5]
 
 
-def test_deferred_calls_run_in_due_order_on_one_long_lived_thread():
-    later = DeferredCalls("deferred-order")
-    calls: list[tuple[str, str]] = []
-    now = time.monotonic()
-    later.call_at(now + 0.2, lambda: calls.append(("late", threading.current_thread().name)))
-    later.call_at(now + 0.05, lambda: calls.append(("early", threading.current_thread().name)))
-    time.sleep(0.12)  # the earlier call, added second, did not wait for the later one
-    assert calls == [("early", "deferred-order")]
-    time.sleep(0.2)
-    assert calls == [("early", "deferred-order"), ("late", "deferred-order")]
-    threads = [thread for thread in threading.enumerate() if thread.name == "deferred-order"]
+def test_a_step_of_short_actions_still_reports_a_heartbeat():
+    watch = ActionWatch("reports-heartbeat", report_after_s=0.01, heartbeat_s=0.1)
+    sent = _reports_of(watch)
+    count = 0
+    stop_at = time.monotonic() + 0.5
+    while time.monotonic() < stop_at:  # actions of 1 ms each, none reported for running long
+        count += 1
+        watch.done(count)
+        time.sleep(0.001)
+    watch.end()
+    assert 2 <= len(sent) <= count // 10, sent  # about one per 0.1 s, far fewer than the actions
+    assert sent == sorted(sent) and sent[-1] <= count
+
+
+def test_one_long_lived_thread_reports_step_after_step():
+    watch = ActionWatch("reports-steps")
+    for step in range(3):
+        sent = _reports_of(watch)
+        watch.done(2)
+        time.sleep(0.1)
+        watch.end()
+        assert sent == [2], f"step {step}: {sent}"
+    threads = [thread for thread in threading.enumerate() if thread.name == "reports-steps"]
     assert len(threads) == 1
