@@ -233,9 +233,9 @@ class ProgressBoard:
 class _ProgressSender:
     """A worker's reports to the driver of how many of the step's actions are done.
 
-    At most one report is in flight: one that would queue behind it is merged into the next, so a worker
-    of short actions sends fewer reports than it runs actions, while the driver lags by at most a round
-    trip (it names the first action it has not heard finish when a worker's process dies).
+    The worker's :class:`~pipetrain.progress.ActionWatch` decides when to report. At most one report is
+    in flight; one that would queue behind it is merged into the next, so the driver lags the watch by at
+    most a round trip (it names the first action it has not heard finish when a worker's process dies).
     """
 
     def __init__(self, board: rpc.RRef, worker: tuple[int, int], step_id: int) -> None:
