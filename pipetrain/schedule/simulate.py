@@ -165,14 +165,17 @@ def splits_backward(schedule: Schedule) -> bool:
     return any(a.kind is _I for row in schedule.actions for a in row)
 
 
-def simulate(schedule: Schedule, costs: StageCosts | None = None) -> Timeline:
+def simulate(schedule: Schedule, costs: StageCosts | None = None, transfer: float = 0.0) -> Timeline:
     """Simulate ``schedule`` (validated first) under ``costs`` (unit costs when ``None``: every ``F`` and
     ``B`` lasts 1, or, for a schedule that splits backward, every ``F``, ``I`` and ``W`` lasts 1).
 
     Each action starts once the previous action on its worker and all its dependencies have finished,
-    and lasts its stage's cost for its kind.
+    and lasts its stage's cost for its kind. An input made on another worker arrives ``transfer`` after
+    the action that made it ends (outputs handed between two stages of one worker arrive at once).
     """
     validate_schedule(schedule)
+    if not (transfer >= 0 and math.isfinite(transfer)):
+        raise ValueError(f"simulate: transfer must be finite and >= 0, got {transfer}")
     costs = StageCosts.unit(schedule.num_stages, splits_backward(schedule)) if costs is None else costs
     if costs.num_stages != schedule.num_stages:
         raise ValueError(
@@ -182,8 +185,13 @@ def simulate(schedule: Schedule, costs: StageCosts | None = None) -> Timeline:
     end: dict[Action, float] = {}
     entries: dict[int, list[TimedAction]] = {w: [] for w in range(schedule.num_workers)}
     for a in order:
-        row = entries[schedule.worker_of(a.stage_idx)]
-        start = max([row[-1].end if row else 0.0] + [end[d] for d in dependencies(a, schedule)])
+        worker = schedule.worker_of(a.stage_idx)
+        row = entries[worker]
+        arrivals = [
+            end[d] + (transfer if schedule.worker_of(d.stage_idx) != worker else 0.0)
+            for d in dependencies(a, schedule)
+        ]
+        start = max([row[-1].end if row else 0.0, *arrivals])
         end[a] = start + costs.cost(a)
         row.append(TimedAction(a, start, end[a]))
     return Timeline(schedule, entries)

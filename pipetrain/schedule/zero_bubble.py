@@ -10,17 +10,28 @@ would otherwise be bubbles. Under unit costs (``F = I = W``):
   ``27`` units at 4 stages and 8 micro-batches (0.111, against 1F1B's 0.273). Every stage holds at most
   ``S`` micro-batches in flight (from ``F`` to ``W``): 1F1B's peak, which 1F1B reaches on its first stage
   only.
-- ``zb_v``, two stages per worker in V placement (stages ``w`` and ``2W-1-w`` on worker ``w``): the
-  order an ideal machine with unit costs would run, found by list scheduling: whenever a worker is free
-  it runs the first ready action in a priority order of the kinds, the later of its two stages first, an
-  ``F`` only while the worker holds fewer than ``2W`` micro-batches of its two stages in flight (1F1B's
-  peak, in half-size stages). Three priority orders are tried (``I W F``, ``I F W``, ``F I W``; an ``I``
-  is what another worker waits for, a ``W`` what fills a gap) and the one that finishes first is kept
-  (the earliest in that list on ties). The first worker both starts and ends the pipeline, so its
-  forwards fill the fill phase and its weight gradients the drain: at 4 workers and 8 micro-batches the
-  bubble is ``12`` of ``204`` worker-units (0.059), the least any order can reach (worker ``w`` cannot
-  start before ``w`` units, and the last worker's ``48`` units of work end no earlier than ``51``). That
-  bound, ``(W-1)/(6m+W-1)``, is reached for most ``m >= W`` up to 4 workers.
+- ``zb_v``, two stages per worker in V placement (stages ``w`` and ``2W-1-w`` on worker ``w``; the first
+  worker both starts and ends the pipeline). Two kinds of order are candidates:
+
+  - the paper's ZB-V order (also PyTorch's ``ScheduleZBVZeroBubble``): worker ``w`` warms up with
+    ``2(W-w)-1`` forwards of its first stage, ``w`` pairs of forwards of both stages, and ``W-w`` triples
+    ``F I W`` on its second stage; in the steady state it runs ``F I W`` on its first stage, then on its
+    second; in the cool-down it runs input gradients first and its held-back weight gradients last;
+  - the order an ideal machine with unit costs would run, found by list scheduling: whenever a worker is
+    free it runs the first ready action in a priority order of the kinds (``I W F``, ``I F W`` or
+    ``F I W``), the later of its two stages first, an ``F`` only while the worker holds fewer than ``2W``
+    micro-batches of its two stages in flight.
+
+  The kept one finishes first when every value between two workers takes a quarter of an action to
+  arrive (ties: unit costs, then the order above). List scheduling packs unit-cost actions tightly, so
+  a transfer or one slower stage delays everything behind it; the paper's order leaves each worker's
+  steady state its own ``F I W`` triples to run while an input travels. At 2 workers and 8 micro-batches
+  both finish in 49 units with unit costs, but with a quarter-unit transfer the paper's order needs 49.75
+  and the best list-scheduled one 51.5; with a last stage 1.5 times as costly, 57 against 59. The paper's
+  order is kept for ``m > W``; list scheduling for fewer micro-batches, where it is shorter. With unit
+  costs the bubble at 4 workers and 8 micro-batches is ``12`` of ``204`` worker-units (0.059), the least
+  any order can reach (worker ``w`` cannot start before ``w`` units, and the last worker's ``48`` units of
+  work end no earlier than ``51``).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from pipetrain.schedule.actions import Action, ActionKind
 from pipetrain.schedule.layout import check_sizes, num_workers_for
 from pipetrain.schedule.placement import one_placement, v_placement
 from pipetrain.schedule.schedule import Schedule
+from pipetrain.schedule.simulate import simulate
 
 __all__ = ["check_zb_v_layout", "zb_h1", "zb_v"]
 
@@ -69,12 +81,60 @@ def zb_v(num_stages: int, num_microbatches: int, stages_per_worker: int = 2) -> 
     check_sizes(num_stages, num_microbatches, stages_per_worker)
     num_workers = check_zb_v_layout(num_stages, stages_per_worker)
     placement = v_placement(num_stages, num_workers)
-    candidates = [
-        _list_schedule(num_stages, num_microbatches, placement, 2 * num_workers, priority)
+    paper = tuple(_paper_v_row(w, num_workers, num_microbatches) for w in range(num_workers))
+    listed = [
+        _list_schedule(num_stages, num_microbatches, placement, 2 * num_workers, priority)[1]
         for priority in ((_I, _W, _F), (_I, _F, _W), (_F, _I, _W))
     ]
-    _, rows = min(candidates, key=lambda candidate: candidate[0])
-    return Schedule(rows, placement, num_microbatches, "zb_v")
+    candidates = [Schedule(rows, placement, num_microbatches, "zb_v") for rows in (paper, *listed)]
+
+    def finish(schedule: Schedule) -> tuple[float, float]:
+        return simulate(schedule, transfer=_CHOICE_TRANSFER).makespan, simulate(schedule).makespan
+
+    return min(candidates, key=finish)
+
+
+_CHOICE_TRANSFER = 0.25
+"""The transfer time between workers, in unit actions, under which ``zb_v`` picks its order."""
+
+
+def _paper_v_row(worker: int, num_workers: int, num_microbatches: int) -> tuple[Action, ...]:
+    """Worker ``worker``'s actions in the paper's ZB-V order (see the module doc).
+
+    The phases are sized for at least ``2W - 1`` micro-batches; with fewer, the actions of micro-batches
+    that do not exist are left out.
+    """
+    first, second = worker, 2 * num_workers - 1 - worker
+    padded = max(num_microbatches, 2 * num_workers - 1)
+    issued = {(s, kind): 0 for s in (first, second) for kind in (_F, _I, _W)}
+    row: list[Action] = []
+
+    def run(stage: int, *kinds: ActionKind) -> None:
+        for kind in kinds:
+            row.append(Action(stage, kind, issued[stage, kind]))
+            issued[stage, kind] += 1
+
+    for _ in range(2 * (num_workers - worker) - 1):
+        run(first, _F)
+    for _ in range(worker):
+        run(second, _F)
+        run(first, _F)
+    for _ in range(num_workers - worker):
+        run(second, _F, _I, _W)
+    while issued[first, _F] < padded or issued[second, _F] < issued[first, _F]:
+        if issued[first, _F] < padded:
+            run(first, _F)
+        run(first, _I, _W)
+        run(second, _F, _I, _W)
+    for _ in range(worker):  # input gradients first: the previous worker waits for them
+        run(first, _I)
+        run(second, _I)
+    for _ in range(num_workers - worker):
+        run(first, _I, _W)
+    for stage in (second, first):
+        while issued[stage, _W] < padded:
+            run(stage, _W)
+    return tuple(action for action in row if action.mb_idx < num_microbatches)
 
 
 def check_zb_v_layout(num_stages: int, stages_per_worker: int) -> int:
