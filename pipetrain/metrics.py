@@ -17,6 +17,7 @@ same few columns in every run of a sweep, its figures are the last values of the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -343,7 +344,7 @@ def step_metrics(
         samples_per_sec=batch_size / step_time_s if step_time_s > 0 else 0.0,
         step_time_s=float(step_time_s),
         bubble_fraction=measured_bubble_fraction([f for replica in replicas or (figures,) for f in replica]),
-        bubble_fraction_predicted=simulate(schedule).bubble_fraction,
+        bubble_fraction_predicted=_unit_cost_bubble(schedule),
         bubble_fraction_predicted_measured_costs=simulate(schedule, measured_costs(reports)).bubble_fraction,
         workers=figures,
         data_time_s=float(data_time_s),
@@ -353,6 +354,12 @@ def step_metrics(
         replicas=replicas,
         driver_cpu_s=driver_cpu_s,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _unit_cost_bubble(schedule: Schedule) -> float:
+    """The bubble ``schedule`` has with unit costs (the same every step: simulated once)."""
+    return simulate(schedule).bubble_fraction
 
 
 def format_progress(metrics: StepMetrics, total_steps: int) -> str:

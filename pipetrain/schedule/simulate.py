@@ -7,6 +7,7 @@ stage: a worker hosting two stages spends each stage's own cost on that stage's 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -165,6 +166,11 @@ def splits_backward(schedule: Schedule) -> bool:
     return any(a.kind is _I for row in schedule.actions for a in row)
 
 
+_validate_once = functools.lru_cache(maxsize=16)(validate_schedule)
+"""``validate_schedule``, once per schedule: the driver simulates the same schedule every logged step (a
+schedule that fails raises every time; only passing ones are remembered)."""
+
+
 def simulate(schedule: Schedule, costs: StageCosts | None = None, transfer: float = 0.0) -> Timeline:
     """Simulate ``schedule`` (validated first) under ``costs`` (unit costs when ``None``: every ``F`` and
     ``B`` lasts 1, or, for a schedule that splits backward, every ``F``, ``I`` and ``W`` lasts 1).
@@ -173,7 +179,7 @@ def simulate(schedule: Schedule, costs: StageCosts | None = None, transfer: floa
     and lasts its stage's cost for its kind. An input made on another worker arrives ``transfer`` after
     the action that made it ends (outputs handed between two stages of one worker arrive at once).
     """
-    validate_schedule(schedule)
+    _validate_once(schedule)
     if not (transfer >= 0 and math.isfinite(transfer)):
         raise ValueError(f"simulate: transfer must be finite and >= 0, got {transfer}")
     costs = StageCosts.unit(schedule.num_stages, splits_backward(schedule)) if costs is None else costs
