@@ -83,7 +83,7 @@ def zb_v(num_stages: int, num_microbatches: int, stages_per_worker: int = 2) -> 
     placement = v_placement(num_stages, num_workers)
     paper = tuple(_paper_v_row(w, num_workers, num_microbatches) for w in range(num_workers))
     listed = [
-        _list_schedule(num_stages, num_microbatches, placement, 2 * num_workers, priority)[1]
+        _list_schedule(num_stages, num_microbatches, placement, 2 * num_workers, priority)
         for priority in ((_I, _W, _F), (_I, _F, _W), (_F, _I, _W))
     ]
     candidates = [Schedule(rows, placement, num_microbatches, "zb_v") for rows in (paper, *listed)]
@@ -155,9 +155,9 @@ def _list_schedule(
     placement: tuple[int, ...],
     max_in_flight: int,
     priority: tuple[ActionKind, ...],
-) -> tuple[int, tuple[tuple[Action, ...], ...]]:
-    """The finishing time and each worker's actions in the order unit-cost list scheduling with
-    ``priority`` over the action kinds runs them (see the module doc)."""
+) -> tuple[tuple[Action, ...], ...]:
+    """Each worker's actions in the order unit-cost list scheduling with ``priority`` over the action
+    kinds runs them (see the module doc)."""
     m = num_microbatches
     num_workers = max(placement) + 1
     hosted = [
@@ -200,4 +200,4 @@ def _list_schedule(
             rows[w].append(action)
             finished[action] = t + 1
         t += 1
-    return max(finished.values()), tuple(tuple(row) for row in rows)
+    return tuple(tuple(row) for row in rows)
