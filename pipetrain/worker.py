@@ -18,6 +18,7 @@ import faulthandler
 import os
 import signal
 import sys
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -38,6 +39,10 @@ __all__ = ["LOCK_HELD_ENV", "main"]
 
 LOCK_HELD_ENV = "PIPETRAIN_RUN_LOCK_HELD"
 """Set by ``pipetrain.train``, which holds the run directory's lock for the whole run."""
+
+WORKER_CONFIG_ERROR_WAIT_S = 10.0
+"""How long a worker that stops on a configuration error waits for torchrun to stop it (see
+:func:`_leave_the_exit_to_rank_0`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             lock = RunLock(cfg.run_dir).acquire(wait_s=LOCK_WAIT_S if restart_count() else 0.0)
     except ValueError as error:  # configuration errors: one line, then a clean exit
         print(f"pipetrain [rank {rank}]: configuration error: {error}", flush=True)
+        if rank > 0:
+            _leave_the_exit_to_rank_0()
         return 2
     except ConfigRefused:  # rank 0 refused the configuration and said why
         return 2
@@ -95,6 +102,17 @@ def _compose_and_write(overrides: list[str]):
     if shared:
         publish_config(path.read_text())
     return load_run_config(path), lock
+
+
+def _leave_the_exit_to_rank_0() -> None:
+    """A worker that stops on a configuration error waits, a bounded time, for torchrun to stop it.
+
+    torchrun stops every process as soon as one exits with a failure. A worker can find an error before
+    rank 0 does (rank 0 also checks and writes the run directory; it may simply start later), and its exit
+    would stop rank 0 before rank 0 says why, or before rank 0 handles the signal at all. Rank 0's exit on
+    the same error ends this wait.
+    """
+    time.sleep(WORKER_CONFIG_ERROR_WAIT_S)
 
 
 def _handle_signals(is_driver: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,7 +104,19 @@ def test_many_microbatches_run_on_the_default_thread_pool(tmp_path):
     assert len(logged_steps(tmp_path)) == 2
 
 
-def test_world_size_mismatch_is_a_clear_error_on_every_rank(tmp_path):
+@pytest.mark.parametrize("driver_start_delay_s", [0.0, 3.0])
+def test_world_size_mismatch_is_a_clear_error_on_every_rank(tmp_path, driver_start_delay_s):
+    """Also when rank 0 starts late: the worker finds the error first and exits, torchrun stops rank 0.
+
+    The delay is a ``sitecustomize`` that sleeps in rank 0 before anything of pipetrain is imported.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep({driver_start_delay_s})\n"
+    )
+    python_path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path}
     args = [
         sys.executable,
         "-m",
@@ -116,7 +129,7 @@ def test_world_size_mismatch_is_a_clear_error_on_every_rank(tmp_path):
         "pipetrain.worker",
         f"run_dir={tmp_path}",
     ]
-    result = run_command(args, 120, cwd=tmp_path)
+    result = run_command(args, 120, cwd=tmp_path, env=env)
     assert result.returncode != 0
     for rank in (0, 1):
         assert (
