@@ -23,9 +23,10 @@ and ``traces/profile_step<N>.txt`` (:func:`summarize`: per worker, time per acti
 operators by self CPU time), also printed in the driver's log.
 
 Clocks. A profiler counts time from an origin of its own. Right after starting it, the worker reads its
-wall clock (``time.time()``) just before and just after entering a marker ``record_function``; the
-marker's profiler timestamp and the middle of those two readings map every profiler timestamp onto the
-worker's wall clock (to a few microseconds). Each worker's wall clock is then mapped onto the driver's:
+wall clock (``time.time()``) just before and just after entering a marker ``record_function``, a few
+times over; the marker with the tightest pair of readings (a thread switch between them widens the pair
+and is dropped) and the middle of its readings map every profiler timestamp onto the worker's wall clock
+(to a few microseconds). Each worker's wall clock is then mapped onto the driver's:
 the driver notes when it sent the request for the profile and when the reply came back, and the worker
 says when it answered, so the worker's clock offset lies within ``[answered - received, answered - sent]``.
 The offset used is the point of that interval closest to zero: exactly zero on one machine (one clock),
@@ -63,6 +64,7 @@ __all__ = [
     "wait_name",
     "optimizer_name",
     "clock_offset",
+    "on_wall_clock",
     "request_profile",
     "merge_trace",
     "summarize",
@@ -72,6 +74,8 @@ __all__ = [
 _US_PER_S = 1e6
 _CLOCK_MARK = "pipetrain clock"
 """The marker ``record_function`` whose timestamp ties a profile to the worker's wall clock."""
+_CLOCK_READINGS = 8
+"""Markers per profile: the one read most tightly is used (see the module's *Clocks*)."""
 _ONE_PER_PROCESS = threading.Lock()
 """torch.profiler runs one profile per process at a time."""
 _RECV_CATEGORY = "recv"
@@ -148,7 +152,7 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self._cuda_devices else [])
         self._profile = torch.profiler.profile(activities=activities)
         self._recvs: list[Recv] = []
-        self._started_at = 0.0
+        self._clock_readings: list[tuple[float, float]] = []
         self._running = False
 
     def start(self) -> None:
@@ -160,10 +164,12 @@ class StepProfiler:
             )
         self._running = True
         self._profile.start()
-        before = time.time()
-        with record_function(_CLOCK_MARK):
-            after = time.time()
-        self._started_at = (before + after) / 2
+        self._clock_readings = []
+        for _ in range(_CLOCK_READINGS):
+            before = time.time()
+            with record_function(_CLOCK_MARK):
+                after = time.time()
+            self._clock_readings.append((before, after))
 
     def action(self, action: Action) -> record_function:
         """The scope of running ``action``, named like it (``2F5``)."""
@@ -208,29 +214,45 @@ class StepProfiler:
             path = Path(directory) / "trace.json"
             self._profile.export_chrome_trace(str(path))
             events = json.loads(path.read_text())["traceEvents"]
+        started_at, events = on_wall_clock(events, self._clock_readings)
         return WorkerProfile(
             worker_idx=self.worker_idx,
-            started_at=self._started_at,
-            events=_since_clock_mark(events),
+            started_at=started_at,
+            events=events,
             recvs=list(self._recvs),
             answered_at=time.time(),
         )
 
 
-def _since_clock_mark(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``events`` without the clock marker, their ``ts`` counted from the marker's."""
-    mark = next((e for e in events if e.get("name") == _CLOCK_MARK and e.get("ph") == "X"), None)
-    if mark is None:
-        raise RuntimeError("the profile has no clock marker; it cannot be placed on the step's timeline")
-    zero = float(mark["ts"])
+def on_wall_clock(
+    events: list[dict[str, Any]], readings: Sequence[tuple[float, float]]
+) -> tuple[float, list[dict[str, Any]]]:
+    """Tie a profile to the wall clock: the wall-clock time of its new ``ts == 0``, and ``events``
+    without the clock markers, their ``ts`` counted from the marker used.
+
+    ``readings`` are the ``(before, after)`` wall-clock readings around each marker, in the order they
+    were entered. The marker read most tightly is used; its time is the middle of its readings.
+    """
+    marks = sorted((e for e in events if _is_clock_mark(e)), key=lambda e: float(e["ts"]))
+    if not marks or len(marks) != len(readings):
+        raise RuntimeError(
+            f"the profile has {len(marks)} clock markers for {len(readings)} readings; it cannot be placed "
+            "on the step's timeline"
+        )
+    tightest = min(range(len(readings)), key=lambda i: readings[i][1] - readings[i][0])
+    zero = float(marks[tightest]["ts"])
     shifted = []
     for event in events:
-        if event is mark:
+        if _is_clock_mark(event):
             continue
         if "ts" in event:
             event = {**event, "ts": float(event["ts"]) - zero}
         shifted.append(event)
-    return shifted
+    return sum(readings[tightest]) / 2, shifted
+
+
+def _is_clock_mark(event: Mapping[str, Any]) -> bool:
+    return event.get("name") == _CLOCK_MARK and event.get("ph") == "X"
 
 
 def clock_offset(sent_at: float, answered_at: float, received_at: float) -> float:

@@ -18,7 +18,7 @@ from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver, run_step
 from pipetrain.failures import StageFailure
 from pipetrain.preflight import check_settings
-from pipetrain.profiling import Recv, WorkerProfile, clock_offset, merge_trace, summarize
+from pipetrain.profiling import Recv, WorkerProfile, clock_offset, merge_trace, on_wall_clock, summarize
 from pipetrain.timings import Span, SpanCategory, StageReport
 from pipetrain.transport import local_workers
 
@@ -126,6 +126,29 @@ def lane_names(document: dict, pid: int) -> dict[int, str]:
         for e in document["traceEvents"]
         if e["ph"] == "M" and e["name"] == "thread_name" and e["pid"] == pid
     }
+
+
+def test_a_profile_is_tied_to_the_wall_clock_by_its_most_tightly_read_marker():
+    """A thread switch between the readings around a marker widens them; that marker is not used."""
+    mark = {"name": "pipetrain clock", "ph": "X", "dur": 1.0}
+    events = [
+        {**mark, "ts": 100.0},
+        {**mark, "ts": 300.0},
+        {**mark, "ts": 200.0},
+        {"name": "aten::mm", "ph": "X", "ts": 250.0, "dur": 10.0},
+        {"name": "thread_name", "ph": "M", "args": {"name": "compute"}},
+    ]
+    readings = [(10.0, 10.0009), (10.0001, 10.00011), (10.0002, 10.0005)]  # in the order entered
+
+    started_at, shifted = on_wall_clock(events, readings)
+
+    assert started_at == pytest.approx(10.000105, abs=1e-9)
+    assert shifted == [
+        {"name": "aten::mm", "ph": "X", "ts": 50.0, "dur": 10.0},
+        {"name": "thread_name", "ph": "M", "args": {"name": "compute"}},
+    ]
+    with pytest.raises(RuntimeError, match="2 clock markers for 3 readings"):
+        on_wall_clock(events[1:], readings)
 
 
 def test_clock_offset_is_zero_on_one_clock_and_bounded_by_the_round_trip_otherwise():
@@ -248,7 +271,11 @@ def test_a_step_not_profiled_opens_no_profiler_scope(monkeypatch):
     assert CountingRecordFunction.names == []
     run_step(handles, schedule, inputs, targets, 2, profile=True)
     actions = [str(action) for action in schedule[0]]
-    assert CountingRecordFunction.names == ["pipetrain clock", *actions, "optimizer step (stage 0)"]
+    assert CountingRecordFunction.names == [
+        *["pipetrain clock"] * profiling._CLOCK_READINGS,
+        *actions,
+        "optimizer step (stage 0)",
+    ]
 
 
 def test_in_process_driver_writes_the_profile_of_its_step(tmp_path):
