@@ -32,6 +32,7 @@ from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from torch.utils.tensorboard import SummaryWriter
 
+from pipetrain.critical_path import CriticalPath, critical_path
 from pipetrain.schedule import Action, ActionKind, Schedule, StageCosts, simulate
 from pipetrain.timings import SpanCategory, StageReport
 from pipetrain.trace import write_chrome_trace
@@ -156,6 +157,14 @@ class StepMetrics:
     """With ``pipeline.replicas`` > 1: every replica's worker figures (``workers`` are replica 0's)."""
     driver_cpu_s: float | None = None
     """CPU seconds of the driver's process since the previous step (when it has one of its own)."""
+    window_s: float = 0.0
+    """The schedule's execution window (see :func:`worker_figures`): what the bubble is measured over."""
+    window_predicted_measured_costs_s: float = 0.0
+    """The window the simulator predicts with this step's measured mean compute times (the makespan
+    behind ``bubble_fraction_predicted_measured_costs``)."""
+    critical_path: CriticalPath | None = None
+    """The step's window split along its critical path into compute, transfers, the runtime's overhead
+    between actions, and its start (replica 0's; :mod:`pipetrain.critical_path`)."""
 
     @property
     def cpu_s(self) -> float | None:
@@ -179,6 +188,16 @@ class StepMetrics:
                 self.bubble_fraction_predicted_measured_costs
             ),
         }
+        scalars["pipeline/window_s"] = float(self.window_s)
+        predicted_window = float(self.window_predicted_measured_costs_s)
+        scalars["pipeline/window_predicted_measured_costs_s"] = predicted_window
+        if self.critical_path is not None:
+            path = self.critical_path
+            scalars["pipeline/critical_path/compute_s"] = float(path.compute_s)
+            scalars["pipeline/critical_path/transfer_s"] = float(path.transfer_s)
+            scalars["pipeline/critical_path/overhead_s"] = float(path.overhead_s)
+            scalars["pipeline/critical_path/start_s"] = float(path.start_s)
+            scalars["pipeline/critical_path/transfers"] = float(path.transfers)
         if self.cpu_s is not None:
             scalars["perf/cpu_s"] = float(self.cpu_s)
             scalars["perf/driver_cpu_s"] = float(self.driver_cpu_s or 0.0)
@@ -338,6 +357,7 @@ def step_metrics(
         else ()
     )
     rates = [report.learning_rate for report in _by_stage(reports) if report.learning_rate is not None]
+    predicted = simulate(schedule, measured_costs(reports))
     return StepMetrics(
         step=step,
         loss=float(loss),
@@ -345,7 +365,7 @@ def step_metrics(
         step_time_s=float(step_time_s),
         bubble_fraction=measured_bubble_fraction([f for replica in replicas or (figures,) for f in replica]),
         bubble_fraction_predicted=_unit_cost_bubble(schedule),
-        bubble_fraction_predicted_measured_costs=simulate(schedule, measured_costs(reports)).bubble_fraction,
+        bubble_fraction_predicted_measured_costs=predicted.bubble_fraction,
         workers=figures,
         data_time_s=float(data_time_s),
         learning_rate=rates[0] if rates else None,
@@ -353,6 +373,9 @@ def step_metrics(
         evaluation=evaluation,
         replicas=replicas,
         driver_cpu_s=driver_cpu_s,
+        window_s=float(window_s),
+        window_predicted_measured_costs_s=predicted.makespan,
+        critical_path=critical_path(schedule, reports, window_s),
     )
 
 

@@ -79,6 +79,12 @@ them, for both frameworks):
                 send/recv), spread over the ``2 v m`` actions of a worker. It can come out slightly
                 negative when action times vary within a step (the simulation uses their means), e.g. when
                 workers slow each other down by sharing cores.
+``cp_xfer``     on the step's critical path (``pipetrain.critical_path``), the time actions waited for inputs
+                from the other worker beyond their producers' ends, in ms per step
+                (``pipeline/critical_path/transfer_s``); pipelining's path follows pipetrain's order of the
+                same schedule.
+``cp_gap``      the same for the gaps after an action on the same worker: the runtime's own time between
+                two actions (``pipeline/critical_path/overhead_s``).
 ``cpu_ms``      CPU time of all the run's processes per step, in ms (``perf/cpu_s``): pipetrain's driver and
                 workers, every thread (compute, RPC, progress reports), from one step's end to the next;
                 pipelining: its ranks', measured the same way. Neither counts a data loader's processes.

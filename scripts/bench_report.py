@@ -32,6 +32,8 @@ COLUMNS = [
     ("pred_u", "pred_unit", "{:.3f}"),
     ("pred_m", "pred_measured", "{:.3f}"),
     ("ovh_ms", "overhead_ms", "{:.2f}"),
+    ("cp_xfer", "path_transfer_ms", "{:.1f}"),
+    ("cp_gap", "path_overhead_ms", "{:.1f}"),
     ("cpu_ms", "cpu_ms", "{:.0f}"),
     ("peak_MiB", "peak_activation_mib", "{}"),
     ("vs_pp", "vs_pp", "{:.2f}"),
@@ -39,7 +41,8 @@ COLUMNS = [
 
 CSV_FIELDS = (
     "method schedule m p workers batch_size runs_ok step_time_s samples_per_sec x_1t t_mb_ms e_mb bubble "
-    "pred_unit pred_measured overhead_ms cpu_ms peak_activation_mib vs_pp loss_step1 not_applicable"
+    "pred_unit pred_measured overhead_ms path_transfer_ms path_overhead_ms cpu_ms peak_activation_mib vs_pp "
+    "loss_step1 not_applicable"
 ).split()
 
 
@@ -67,6 +70,9 @@ def step_figures(record: dict[str, Any], batch_size: int, unit: Timeline | None)
     )
     if record.get("cpu_s") is not None:
         figures["cpu_ms"] = record["cpu_s"] * 1e3
+    if record.get("path_transfer_s") is not None:
+        figures["path_transfer_ms"] = record["path_transfer_s"] * 1e3
+        figures["path_overhead_ms"] = record["path_overhead_s"] * 1e3
     return figures
 
 

@@ -177,6 +177,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
                 "pred_measured": logged["pipeline/bubble_fraction_predicted_measured_costs"],
                 "peak_activation_mib": [logged[f"worker{k}/peak_activation_mib"] for k in workers],
                 "cpu_s": logged.get("perf/cpu_s"),
+                "path_transfer_s": logged.get("pipeline/critical_path/transfer_s"),
+                "path_overhead_s": logged.get("pipeline/critical_path/overhead_s"),
             }
         )
     return records

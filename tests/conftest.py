@@ -92,6 +92,13 @@ STEP_TAGS = [
     "pipeline/bubble_fraction",
     "pipeline/bubble_fraction_predicted",
     "pipeline/bubble_fraction_predicted_measured_costs",
+    "pipeline/window_s",
+    "pipeline/window_predicted_measured_costs_s",
+    "pipeline/critical_path/compute_s",
+    "pipeline/critical_path/transfer_s",
+    "pipeline/critical_path/overhead_s",
+    "pipeline/critical_path/start_s",
+    "pipeline/critical_path/transfers",
 ]
 WORKER_TAG_NAMES = (
     "busy_s",

@@ -12,6 +12,7 @@ import pytest
 from conftest import STEP_TAGS, worker_tags
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pipetrain.critical_path import CriticalPath
 from pipetrain.metrics import (
     MetricsLogger,
     StepMetrics,
@@ -68,6 +69,11 @@ def _metrics(step: int = 3, num_stages: int = 2) -> StepMetrics:
         bubble_fraction_predicted=0.2,
         bubble_fraction_predicted_measured_costs=0.25,
         workers=stages,
+        window_s=0.45,
+        window_predicted_measured_costs_s=0.4,
+        critical_path=CriticalPath(
+            compute_s=0.4, transfer_s=0.05, overhead_s=0.03, start_s=0.02, transfers=2, actions=()
+        ),
     )
 
 
@@ -240,6 +246,12 @@ def test_step_metrics_uses_measured_costs() -> None:
     assert metrics.bubble_fraction_predicted_measured_costs == pytest.approx(expected)
     unit = metrics.bubble_fraction_predicted
     assert metrics.bubble_fraction_predicted_measured_costs != pytest.approx(unit)
+    assert metrics.window_predicted_measured_costs_s == pytest.approx(
+        simulate(schedule, StageCosts((1.0, 2.0), (1.0, 2.0))).makespan
+    )
+    path = metrics.critical_path
+    assert path is not None and str(path.actions[-1]) == "1B3"  # the action that ends last, at 15
+    assert path.start_s + path.compute_s + path.overhead_s + path.transfer_s == pytest.approx(20.0)
 
 
 def test_scalars_tags() -> None:
@@ -247,6 +259,8 @@ def test_scalars_tags() -> None:
     assert set(scalars) == {*STEP_TAGS, *worker_tags(3)}
     assert scalars["train/loss"] == pytest.approx(1.2345678)
     assert scalars["pipeline/bubble_fraction_predicted_measured_costs"] == 0.25
+    assert scalars["pipeline/critical_path/transfer_s"] == 0.05
+    assert scalars["pipeline/critical_path/transfers"] == 2
     assert scalars["worker2/busy_s"] == 3.0
     assert scalars["worker2/idle_s"] == 1.0
     assert scalars["worker2/transfer_s"] == 2.25
