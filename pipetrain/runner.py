@@ -182,8 +182,9 @@ class WorkerRunner:
         self._channel: BoundaryChannel | None = None
         self._lock = threading.Lock()
         self._outbox: dict[tuple[int, Action], torch.futures.Future] = {}
-        """Outputs for other workers by step and action: a worker may be handed the next step before this
-        one is done, and its requests for that step's inputs may come in before this step's."""
+        """Outputs for other workers by step and action, each held from the first of its production and its
+        fetch to the second: a worker may be handed the next step before this one is done, and its requests
+        for that step's inputs may come in before this step's."""
         self._steps: dict[int, _StepState] = {}
         self._profiler: StepProfiler | None = None
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker{worker_idx}")
@@ -289,14 +290,14 @@ class WorkerRunner:
     def fetch(self, step_id: int, action: Action) -> torch.futures.Future:
         """A future of ``(output, produced_at)`` of ``action`` of step ``step_id``: once, for its consumer on
         another worker."""
-        future = self._outbox_future(step_id, action)
-
-        def _release(done: torch.futures.Future) -> Any:
-            with self._lock:
-                self._outbox.pop((step_id, action), None)
-            return result_or_error(done)
-
-        return future.then(_release)
+        key = (step_id, action)
+        with self._lock:
+            future = self._outbox.get(key)
+            if future is None:  # not produced yet: the producer completes this one
+                future = self._outbox[key] = torch.futures.Future()
+            elif future.done():
+                del self._outbox[key]
+        return future
 
     def collect_profile(self) -> WorkerProfile:
         """The profile of this worker's last profiled step (each profile is handed out once)."""
@@ -334,8 +335,7 @@ class WorkerRunner:
 
         if self._channel is not None:
             return _Received(self._channel.receive(step_id, producer_worker, producer), _arrived)
-        reply = self._fetch_remote(producer_worker, step_id, producer)
-        return reply.then(lambda done: _arrived(result_or_error(done)))
+        return _Received(self._fetch_remote(producer_worker, step_id, producer), _arrived)
 
     def _run(
         self,
@@ -537,7 +537,7 @@ class WorkerRunner:
         if self._channel is not None:
             self._channel.send(step_id, consumer_worker, action, payload)
         else:
-            self._outbox_future(step_id, action).set_result(payload)
+            self._put_out(step_id, action, payload)
 
     def _fail_consumers(self, step_id: int, work: Work, failure: StageError) -> None:
         """Tell the consumers on other workers of the outputs that ``failure`` stopped."""
@@ -551,9 +551,7 @@ class WorkerRunner:
                 except Exception:  # the channel itself broke: the consumer's receive fails on its own
                     return
                 continue
-            outbox = self._outbox_future(step_id, action)
-            if not outbox.done():
-                outbox.set_result(failure)
+            self._put_out(step_id, action, failure)
 
     def _record_idle(self, action: Action, free_at: float, produced_at: float, arrived_at: float) -> None:
         if arrived_at <= free_at:
@@ -564,21 +562,36 @@ class WorkerRunner:
             stage.record_span(SpanCategory.WAIT, str(action), free_at, transfer_from)
         stage.record_span(SpanCategory.TRANSFER, str(action), transfer_from, arrived_at)
 
-    def _outbox_future(self, step_id: int, action: Action) -> torch.futures.Future:
+    def _put_out(self, step_id: int, action: Action, payload: Any) -> None:
+        """Hand ``payload`` to the fetch of ``action``'s output: at once if the fetch came first, else keep
+        it until the fetch comes. No callback runs on the way, here or on the fetching thread."""
+        key = (step_id, action)
         with self._lock:
-            return self._outbox.setdefault((step_id, action), torch.futures.Future())
+            fetched = self._outbox.get(key)
+            if fetched is None:
+                self._outbox[key] = completed(payload)
+                return
+            if fetched.done():  # put out already (a failure after the hand-over): the first one stands
+                return
+            del self._outbox[key]
+        fetched.set_result(payload)
 
 
 class _Received:
-    """An input coming over a :class:`BoundaryChannel`: waited for on the compute thread, then ``then``
-    applied to what came (as a future's ``then`` would, without a thread to run it)."""
+    """An input on its way from another worker (a fetch's reply, or a value over a
+    :class:`BoundaryChannel`): waited for on the compute thread, then ``then`` applied there to what came,
+    or to the error that stopped it (as a future's ``then`` would, without another thread to run it)."""
 
     def __init__(self, incoming: Awaitable, then: Callable[[Any], Any]) -> None:
         self._incoming = incoming
         self._then = then
 
     def wait(self) -> Any:
-        return self._then(self._incoming.wait())
+        try:
+            value = self._incoming.wait()
+        except Exception as error:  # the producer's process is gone or unreachable
+            value = error
+        return self._then(value)
 
 
 def _when_all_done(outcomes: Sequence[torch.futures.Future], target: torch.futures.Future) -> None:

@@ -27,12 +27,14 @@ from conftest import (
 )
 from slow_parts import slow_model_overrides
 
-from pipetrain.build import build_dataset, build_stages
+from pipetrain.build import build_dataset, build_schedule_for, build_stages
 from pipetrain.checkpoint import merged_model_state
 from pipetrain.data import BatchOrder
+from pipetrain.driver import run_step
 from pipetrain.runner import WorkerRunner
 from pipetrain.schedule import Action, ActionKind, Schedule
 from pipetrain.topology import Topology
+from pipetrain.transport import local_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,6 +118,36 @@ def test_stages_of_one_worker_hand_over_in_process():
     for stage in stages:
         for name, value in stage.module.full_state_dict().items():
             torch.testing.assert_close(value, reference_weights[name], rtol=1e-5, atol=1e-5)
+
+
+def test_an_output_for_another_worker_waits_for_whichever_of_its_production_and_fetch_comes_second():
+    cfg = make_config("mlp", 2, "gpipe", num_microbatches=2, steps=1)
+    _, stages = build_stages(cfg)
+    runner = WorkerRunner(0, {0: stages[0]}, build_schedule_for(cfg, 2))
+    first, second = Action(0, ActionKind.FORWARD, 0), Action(0, ActionKind.FORWARD, 1)
+
+    fetched_early = runner.fetch(1, first)  # the consumer asks before the value exists
+    assert not fetched_early.done()
+    runner._put_out(1, first, ("value 0", 1.0))
+    assert fetched_early.wait() == ("value 0", 1.0)
+
+    runner._put_out(1, second, ("value 1", 2.0))  # the value exists before the consumer asks
+    runner._put_out(1, second, "a failure after the hand-over")  # does not replace it
+    assert runner.fetch(1, second).wait() == ("value 1", 2.0)
+    assert runner._outbox == {}
+
+
+def test_no_output_for_another_worker_outlives_its_fetch():
+    cfg = make_config("mlp", 2, "interleaved_1f1b", num_microbatches=4, steps=3)
+    cfg.pipeline.balance = [2, 1, 2, 1]
+    cfg.pipeline.stages_per_worker = 2
+    plan, stages = build_stages(cfg)
+    schedule = build_schedule_for(cfg, plan.num_stages)
+    handles = local_workers(stages, schedule)
+    order = BatchOrder(build_dataset(cfg), cfg.train.batch_size, cfg.seed)
+    for step in range(3):
+        run_step(handles, schedule, *order.batch(step), cfg.pipeline.num_microbatches)
+    assert [handle.runner._outbox for handle in handles] == [{}, {}]
 
 
 @pytest.mark.parametrize(
