@@ -95,6 +95,42 @@ def test_activation_memory_grows_with_m_for_gpipe_only(schedule):
         assert peaks[0] == peaks[1] == peaks[2]
 
 
+def test_saved_activations_are_counted_per_input_layout_and_step():
+    """Micro-batches of one layout save as much as the first; another layout is counted on its own, and
+    the next step counts again (a module that saves more there is seen)."""
+
+    class SavesMoreEachStep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+            self.extra_squares = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.layer(x)
+            for _ in range(self.extra_squares):
+                y = y * y  # saves y twice, as either operand
+            return y
+
+    def peak(stage: Stage, batch_sizes: list[int]) -> int:
+        for mb, size in enumerate(batch_sizes):
+            stage.forward(mb, torch.randn(size, 4))
+        for mb, size in enumerate(batch_sizes):
+            stage.backward(mb, torch.ones(size, 4))
+        return stage.step().peak_activation_bytes
+
+    inner = SavesMoreEachStep()
+    module = StageModule(["layer"], [inner])
+    stage = Stage(
+        1, 3, module, torch.device("cpu"), functools.partial(torch.optim.SGD, lr=0.1), get_loss("mse"), 1
+    )
+    one = peak(stage, [4])
+    assert one == 4 * 4 * 4  # the linear layer saves its input (the weight is not counted)
+    assert peak(stage, [4, 4, 4]) == 3 * one
+    assert peak(stage, [4, 2, 4, 2]) == one + one // 2 + one + one // 2
+    inner.extra_squares = 2
+    assert peak(stage, [4, 4]) == 2 * (one + 2 * 2 * one)
+
+
 def test_in_process_failure_names_stage_and_action():
     cfg = make_config("mlp", 2)
     cfg.data["num_classes"] = 20  # targets the 5-class model cannot score
