@@ -1,13 +1,14 @@
 """A worker's progress reports to the driver, sent only for actions that run long.
 
 The driver needs a worker's reports for two things: to name the action a dead or stuck worker was running,
-and to see that a worker still moves (the ``rpc.timeout_s`` watchdog). Each report costs a round trip
-and several thread wake-ups in both processes, and on a machine whose cores all compute, every wake-up
-takes a core from a compute thread. So a worker does not report actions as they end. Its
-:class:`ActionWatch` thread looks at the action under way every :data:`REPORT_AFTER_S`, and reports it
-when it has run that long: a failure during such an action names it. Short actions are reported only
-by a heartbeat every :data:`HEARTBEAT_S` while the step moves, which is all the watchdog needs. A worker
-that dies during a short action is named with the last action the driver heard of.
+and to see that a worker still moves (the ``rpc.timeout_s`` watchdog). A worker process writes them to the
+run's store (:mod:`pipetrain.transport.progress_store`), a message each; on a machine whose cores all
+compute, every thread wake-up takes a core from a compute thread, and an action's end is the busiest
+moment of a worker (outputs to hand over, the next input to take). So a worker does not report actions as
+they end. Its :class:`ActionWatch` thread looks at the action under way every :data:`REPORT_AFTER_S`, and
+reports it when it has run that long: a failure during such an action names it. Short actions are
+reported only by a heartbeat every :data:`HEARTBEAT_S` while the step moves, which is all the watchdog
+needs. A worker that dies during a short action is named with the last action the driver heard of.
 """
 
 from __future__ import annotations

@@ -1,22 +1,26 @@
 """The driver's bookkeeping of a worker's progress reports (``pipetrain.transport``), without processes.
 
-The reports themselves travel over RPC in ``tests/test_distributed.py`` and ``tests/test_failures.py``;
-here: which ``done`` futures a report, a late report, and the stage's reply complete or fail, and which
-reports a worker's :class:`~pipetrain.progress.ActionWatch` sends.
+Reports between processes are covered by ``tests/test_distributed.py`` and ``tests/test_failures.py``;
+here: which ``done`` futures a report, a late report, and the stage's reply complete or fail, how counts
+travel through a real store (:mod:`pipetrain.transport.progress_store`), and which reports a worker's
+:class:`~pipetrain.progress.ActionWatch` sends.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from datetime import timedelta
 
+import pytest
 import torch
+import torch.distributed as dist
 
 from pipetrain.failures import StageError
 from pipetrain.progress import ActionWatch
 from pipetrain.runner import completed
 from pipetrain.transport.handle import ProgressTracker
-from pipetrain.transport.rpc import ProgressBoard
+from pipetrain.transport.progress_store import ProgressBoard, StoreProgress, connect_progress_store
 
 
 def _futures(count: int) -> list[torch.futures.Future]:
@@ -53,6 +57,66 @@ def test_a_failed_step_fails_the_actions_not_reported_done_with_its_error():
             raise AssertionError("an action after the failure was reported done")
     tracker.advance(3)  # a report that was already on its way when the worker failed
     assert all(future.done() for future in done)
+
+
+@pytest.fixture
+def run_store(monkeypatch):
+    """A rendezvous store on loopback, where ``connect_progress_store`` finds it (as under torchrun)."""
+    server = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)
+    )
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    return server
+
+
+def _until(condition, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_counts_written_to_the_store_complete_the_actions_they_count(run_store):
+    board = ProgressBoard(connect_progress_store(), poll_s=0.02)
+    board.start([(0, 1)])
+    done = _futures(4)
+    board.track((0, 1), ProgressTracker(step_id=1, done=done))
+    worker_side = connect_progress_store()  # the worker's own client
+    StoreProgress(worker_side, (0, 1), step_id=1).advance(2)
+    assert _until(lambda: done[1].done())
+    assert [future.done() for future in done] == [True, True, False, False]
+    StoreProgress(worker_side, (0, 1), step_id=2).advance(4)  # the next step's count: not this step's
+    time.sleep(0.1)
+    assert [future.done() for future in done] == [True, True, False, False]
+    board.close()
+
+
+def test_a_dead_workers_last_count_names_its_action_after_it_is_gone(run_store):
+    board = ProgressBoard(connect_progress_store(), poll_s=60.0)  # no poll in time: only the refresh reads
+    board.start([(0, 0)])
+    done = _futures(4)
+    tracker = ProgressTracker(step_id=3, done=done)
+    board.track((0, 0), tracker)
+    worker_side = connect_progress_store()
+    StoreProgress(worker_side, (0, 0), step_id=3).advance(3)
+    del worker_side  # the worker's process is gone; what it wrote is not
+    board.refresh((0, 0))  # what the handle does when the step's reply is an error
+    tracker.finish(completed(RuntimeError("lost the connection to it")))
+    assert [future.done() and future.value() is None for future in done[:3]] == [True] * 3
+    with pytest.raises(RuntimeError, match="lost the connection"):
+        done[3].wait()
+    board.close()
+
+
+def test_attempts_of_a_run_keep_their_progress_apart(run_store, monkeypatch):
+    StoreProgress(connect_progress_store(), (0, 0), step_id=7).advance(5)
+    assert connect_progress_store().check(["0/0"])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted the run
+    assert not connect_progress_store().check(["0/0"])  # the failed attempt's counts are not this one's
 
 
 def _reports_of(watch: ActionWatch) -> list[int]:

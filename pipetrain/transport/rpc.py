@@ -7,16 +7,16 @@ Names: the driver is RPC worker ``driver`` (rank 0), worker ``w`` is RPC worker 
 calls through it (``rref.rpc_async().method(...)``) run on the owner, on the object itself. The driver
 creates each worker's :class:`RpcRunner` on that worker with ``rpc.remote`` and keeps the RRef: every
 request it sends for a step goes to that object. At start each runner receives the RRefs of its peer
-runners and of the driver's :class:`ProgressBoard`, which name the processes it pulls its inputs from and
-reports its progress to. Tensors themselves travel as RPC payloads, worker to worker, never through the
-driver (RRefs to CUDA tensors are unsupported; a reference to the producing runner is what is needed
-anyway).
+runners, which name the processes it pulls its inputs from. Tensors themselves travel as RPC payloads,
+worker to worker, never through the driver (RRefs to CUDA tensors are unsupported; a reference to the
+producing runner is what is needed anyway).
 
-**Two calls skip RRefs.** The two calls made per action, a worker pulling an input from its producer and
-a worker reporting progress to the driver, address the process by its RPC name and reach the one runner
-(or board) it serves through :data:`_SERVED`: an RRef argument makes a call about 0.3 ms slower (its fork
-bookkeeping; 1.16 against 0.89 ms per round trip on loopback here), a cost paid on every hop of the
-pipeline's critical path. Everything else goes through the RRefs.
+**One call skips RRefs.** The call made per boundary value, a worker pulling an input from its producer,
+addresses the process by its RPC name and reaches the one runner it serves through :data:`_SERVED`: an
+RRef argument makes a call about 0.3 ms slower (its fork bookkeeping; 1.16 against 0.89 ms per round trip
+on loopback here), a cost paid on every hop of the pipeline's critical path. Everything else goes through
+the RRefs, except progress: workers write it to the run's rendezvous store, where it outlives them
+(:mod:`.progress_store`).
 
 No RPC handler blocks a thread: request handlers are ``@rpc.functions.async_execution`` and return
 futures chained on what they need, so any number of micro-batches runs on the default thread pool. Only
@@ -29,7 +29,6 @@ instead of raising (RPC would re-create a raised exception from its message alon
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,12 +48,12 @@ from pipetrain.topology import Topology
 from pipetrain.transport.collectives import ProcessGroupGradientSync
 from pipetrain.transport.handle import ProgressTracker
 from pipetrain.transport.p2p import P2PChannel
+from pipetrain.transport.progress_store import ProgressBoard, StoreProgress, connect_progress_store
 
 __all__ = [
     "DRIVER_NAME",
     "worker_name",
     "RpcRunner",
-    "ProgressBoard",
     "RpcWorkerHandle",
     "start_workers",
     "init_rpc",
@@ -68,7 +67,7 @@ DRIVER_NAME = "driver"
 _NO_DEADLINE = 0
 
 _SERVED: dict[str, Any] = {}
-"""This process's ``"runner"`` (a worker) or ``"board"`` (the driver), for the calls that skip RRefs."""
+"""This process's ``"runner"`` (a worker), for the fetches that skip RRefs."""
 
 StageFactory = Callable[..., dict[int, Stage]]
 """``factory(*args, worker_idx=...)``: the stages of a worker (stage index -> stage), built where it runs."""
@@ -86,7 +85,7 @@ class RpcRunner:
         self.worker_idx = worker_idx
         self.replica_idx = replica_idx
         self._runner: WorkerRunner | None = None
-        self._board: rpc.RRef | None = None
+        self._progress_store: Any = None
         self._cpu_mark = time.process_time()
 
     def start(
@@ -95,14 +94,14 @@ class RpcRunner:
         factory: StageFactory,
         factory_args: tuple[Any, ...],
         peers: Sequence[rpc.RRef],
-        board: rpc.RRef,
         replica_ranks: Sequence[int] = (),
         timeout_s: float = 60.0,
         data_plane: str = "rpc",
     ) -> StageError | None:
-        """Build this worker's stages (``factory``) and connect to the peer runners (of its replica) and
-        the board; with several ``replica_ranks``, join their gradient average (:mod:`.collectives`); with
-        ``data_plane="c10d"``, send boundary values over c10d (:mod:`.p2p`) instead of serving fetches."""
+        """Build this worker's stages (``factory``), connect to the peer runners (of its replica) and to the
+        store its progress goes to (:mod:`.progress_store`); with several ``replica_ranks``, join their
+        gradient average (:mod:`.collectives`); with ``data_plane="c10d"``, send boundary values over c10d
+        (:mod:`.p2p`) instead of serving fetches."""
         first_stage = schedule.stages_of(self.worker_idx)[0]
         try:
             stages = factory(*factory_args, worker_idx=self.worker_idx)
@@ -131,7 +130,11 @@ class RpcRunner:
             peer_ranks = [peer.owner().id for peer in peers]
             channel = P2PChannel(peer_ranks.__getitem__, schedule.num_stages, schedule.num_microbatches)
         runner.connect(_fetch, channel)
-        self._runner, self._board = runner, board
+        try:
+            progress_store = connect_progress_store()
+        except Exception as error:
+            return StageError.wrap(error, first_stage, "connecting to the run's store")
+        self._runner, self._progress_store = runner, progress_store
         _SERVED["runner"] = self
         return None
 
@@ -140,12 +143,12 @@ class RpcRunner:
         self, step_id: int, work: list[tuple[str, Any, Any]], profile: bool = False, evaluate: bool = False
     ) -> torch.futures.Future:
         """Run the step's actions (text form), profiled with ``profile``, as an evaluation pass with
-        ``evaluate``; reports progress to the board."""
+        ``evaluate``; writes its progress to the run's store."""
         runner = self._started()
-        sender = _ProgressSender(self._board, (self.replica_idx, self.worker_idx), step_id)
+        progress = StoreProgress(self._progress_store, (self.replica_idx, self.worker_idx), step_id)
         try:
             parsed = [(Action.parse(text), value, target) for text, value, target in work]
-            return runner.run_actions(step_id, parsed, sender.advance, profile, evaluate)
+            return runner.run_actions(step_id, parsed, progress.advance, profile, evaluate)
         except Exception as error:
             return completed(StageError.wrap(error, min(runner.stages), "step request"))
 
@@ -204,74 +207,6 @@ class RpcRunner:
         return self._runner
 
 
-class ProgressBoard:
-    """The driver's receiver of the workers' progress reports (reached by them through its RRef)."""
-
-    def __init__(self) -> None:
-        self._trackers: dict[tuple[int, int, int], ProgressTracker] = {}
-        self._lock = threading.Lock()
-
-    def track(self, worker: tuple[int, int], tracker: ProgressTracker) -> None:
-        """Route the reports of ``worker`` (replica and worker index) on ``tracker.step_id`` to ``tracker``
-        until :meth:`untrack`; a worker may have two steps in flight (one handed out ahead)."""
-        with self._lock:
-            self._trackers[(*worker, tracker.step_id)] = tracker
-
-    def untrack(self, worker: tuple[int, int], step_id: int) -> None:
-        """The worker has answered for step ``step_id``: later reports of it are moot."""
-        with self._lock:
-            self._trackers.pop((*worker, step_id), None)
-
-    def advance(self, worker: tuple[int, int], step_id: int, done: int) -> None:
-        """``worker`` (replica and worker index) has run the first ``done`` actions of step ``step_id``."""
-        with self._lock:
-            tracker = self._trackers.get((*worker, step_id))
-        if tracker is not None:
-            tracker.advance(done)
-
-
-class _ProgressSender:
-    """A worker's reports to the driver of how many of the step's actions are done.
-
-    The worker's :class:`~pipetrain.progress.ActionWatch` decides when to report. At most one report is
-    in flight; one that would queue behind it is merged into the next, so the driver lags the watch by at
-    most a round trip (it names the first action it has not heard finish when a worker's process dies).
-    """
-
-    def __init__(self, board: rpc.RRef, worker: tuple[int, int], step_id: int) -> None:
-        self._board_name = board.owner_name()
-        self._worker = worker
-        self._step_id = step_id
-        self._lock = threading.Lock()
-        self._done = 0
-        self._sent = 0
-        self._in_flight = False
-
-    def advance(self, done: int) -> None:
-        """``done`` actions of the step are done."""
-        with self._lock:
-            self._done = done
-            if self._in_flight:
-                return
-            self._in_flight = True
-            self._sent = done
-        self._send(done)
-
-    def _send(self, done: int) -> None:
-        reply = rpc.rpc_async(
-            self._board_name, _advance_here, args=(self._worker, self._step_id, done), timeout=_NO_DEADLINE
-        )
-        reply.add_done_callback(self._acknowledged)
-
-    def _acknowledged(self, _: torch.futures.Future) -> None:
-        with self._lock:
-            if self._done == self._sent:
-                self._in_flight = False
-                return
-            done = self._sent = self._done
-        self._send(done)
-
-
 class RpcWorkerHandle:
     """The driver's handle on worker ``worker_idx`` of replica ``replica_idx``, through its runner's RRef."""
 
@@ -292,7 +227,8 @@ class RpcWorkerHandle:
         return self._label
 
     def submit(self, work: Work, profile: bool = False, evaluate: bool = False) -> list[torch.futures.Future]:
-        """Send the step's actions in one request; the worker's progress reports complete their futures."""
+        """Send the step's actions in one request; the worker's progress (read by the board) completes their
+        futures."""
         self._steps_sent += 1
         done = [torch.futures.Future() for _ in work]
         tracker = ProgressTracker(self._steps_sent, done)
@@ -304,6 +240,8 @@ class RpcWorkerHandle:
         worker, step_id = (self.replica_idx, self.worker_idx), self._steps_sent
 
         def _answered(reply: torch.futures.Future) -> None:
+            if isinstance(result_or_error(reply), BaseException):  # name it by the last count it wrote
+                self._board.refresh(worker)
             self._board.untrack(worker, step_id)
             tracker.finish(reply)
 
@@ -337,11 +275,6 @@ def _fetch_here(step_id: int, action_text: str) -> torch.futures.Future:
     return _SERVED["runner"].fetch(step_id, action_text)
 
 
-def _advance_here(worker: tuple[int, int], step_id: int, done: int) -> None:
-    """On the driver: a worker's progress report (:meth:`ProgressBoard.advance`)."""
-    _SERVED["board"].advance(worker, step_id, done)
-
-
 def start_workers(
     topology: Topology,
     schedule: Schedule,
@@ -356,14 +289,13 @@ def start_workers(
 
     Raises :class:`StageFailure`, naming the worker, for the first one that could not build its stages.
     """
-    board = ProgressBoard()
-    board_rref = rpc.RRef(board)
-    _SERVED["board"] = board
     workers = [
         (replica, worker)
         for replica in range(topology.num_replicas)
         for worker in range(topology.num_workers)
     ]
+    board = ProgressBoard(connect_progress_store())
+    board.start(workers)
     runners = {
         (replica, worker): rpc.remote(
             worker_name(worker, replica), RpcRunner, args=(worker, replica), timeout=_NO_DEADLINE
@@ -378,7 +310,6 @@ def start_workers(
             factory,
             factory_args,
             [runners[(replica, peer)] for peer in range(topology.num_workers)],
-            board_rref,
             topology.replica_ranks(worker),
             timeout_s,
             data_plane,
