@@ -29,6 +29,7 @@ from pipetrain.config import TrainConfig
 from pipetrain.data import BatchOrder
 from pipetrain.driver import Driver
 from pipetrain.losses import get_loss
+from pipetrain.progress import REPORT_AFTER_S
 from pipetrain.targets import call_target
 from pipetrain.transport import local_replicas, local_workers
 
@@ -301,6 +302,24 @@ def wait_for_phase(run: Launched, markers: Path, rank: int, phase: str, timeout:
                 return int(pid)
         time.sleep(0.005)
     raise AssertionError(f"rank {rank} never reported {phase}")
+
+
+INSIDE_PHASE_S = 5 * REPORT_AFTER_S
+"""How far into a phase :func:`signal_inside_phase` signals: a worker reports an action once it has run
+``REPORT_AFTER_S``, from a thread that looks every ``REPORT_AFTER_S``, so the report of an action is out
+within about twice that of its start; the rest is room for a loaded machine's scheduler. A phase the test
+signals in must last well beyond this (``delay_s`` of ``tests/slow_parts.py`` per unit)."""
+
+
+def signal_inside_phase(
+    run: Launched, markers: Path, rank: int, phase: str, signum: int
+) -> tuple[int, float]:
+    """Send ``signum`` to ``rank`` :data:`INSIDE_PHASE_S` after it reports ``phase``, by which time the
+    driver has heard of the action under way; return its pid and the ``time.monotonic()`` of the signal."""
+    pid = wait_for_phase(run, markers, rank, phase)
+    time.sleep(INSIDE_PHASE_S)
+    os.kill(pid, signum)
+    return pid, time.monotonic()
 
 
 def run_command(args: list[str], timeout: float, cwd: str | os.PathLike | None = None, env=None) -> Finished:

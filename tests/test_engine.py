@@ -7,7 +7,6 @@ checked against the unsplit model trained in one process.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import signal
 import sys
@@ -20,10 +19,10 @@ from conftest import (
     assert_same_training,
     launch_with_markers,
     make_config,
+    signal_inside_phase,
     train_equals_unsplit,
     train_pipelined,
     train_unsplit,
-    wait_for_phase,
 )
 from slow_parts import slow_model_overrides
 
@@ -199,7 +198,7 @@ def test_a_killed_worker_hosting_two_stages_is_named_with_its_stage_and_action(t
         "-m",
         "pipetrain.train",
         f"run_dir={tmp_path / 'run'}",
-        *slow_model_overrides(delay_s=0.05),
+        *slow_model_overrides(delay_s=0.2),  # a stage of one unit: its backward lasts 0.2 s
         "optim=sgd",
         "schedule=interleaved_1f1b",
         "pipeline.balance=[2,1,2,1]",
@@ -208,10 +207,7 @@ def test_a_killed_worker_hosting_two_stages_is_named_with_its_stage_and_action(t
         "train.log_every=1000",
     ]
     run = launch_with_markers(args, tmp_path, markers)
-    pid = wait_for_phase(run, markers, rank=2, phase="backward")
-    time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    _, killed_at = signal_inside_phase(run, markers, rank=2, phase="backward", signum=signal.SIGKILL)
     result = run.finish(timeout=60)
     assert time.monotonic() - killed_at < 10
     assert result.returncode != 0

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Launched, launch_with_markers, wait_for_phase
+from conftest import Launched, launch_with_markers, signal_inside_phase, wait_for_phase
 from slow_parts import slow_model_overrides
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 SLOW_RUN = [
-    *slow_model_overrides(delay_s=0.05),
+    *slow_model_overrides(delay_s=0.1),  # two units a stage: each forward and backward lasts 0.2 s
     "optim=sgd",
     "optim._target_=slow_parts.SlowSGD",
     "+optim.delay_s=1.0",
@@ -47,13 +47,7 @@ def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, phase, stage_i
     """Every phase, and every position in the pipeline (the last stage computes the loss)."""
     run, markers = launch(tmp_path)
     rank = stage_idx + 1
-    pid = wait_for_phase(run, markers, rank, phase)
-    # Kill well inside the phase (each lasts >= 50 ms): the report that the stage's previous action is done
-    # leaves its process a moment after that action ends, and a kill in that moment loses it, so the
-    # driver then rightly names the previous action as the last one it knows was running.
-    time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    _, killed_at = signal_inside_phase(run, markers, rank, phase, signal.SIGKILL)
     result = run.finish(timeout=60)
     stopped_after = time.monotonic() - killed_at
     assert result.returncode != 0
@@ -72,10 +66,7 @@ def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, phase, stage_i
 
 def test_over_the_c10d_data_plane_a_killed_worker_is_named_while_its_peers_wait_to_receive(tmp_path):
     run, markers = launch(tmp_path, "rpc.data_plane=c10d")
-    pid = wait_for_phase(run, markers, 2, "backward")
-    time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    _, killed_at = signal_inside_phase(run, markers, 2, "backward", signal.SIGKILL)
     result = run.finish(timeout=60)
     assert result.returncode != 0
     assert time.monotonic() - killed_at < 10
@@ -85,9 +76,7 @@ def test_over_the_c10d_data_plane_a_killed_worker_is_named_while_its_peers_wait_
 
 def test_stuck_stage_is_named_after_the_timeout_and_the_run_ends(tmp_path):
     run, markers = launch(tmp_path, "rpc.timeout_s=3")
-    pid = wait_for_phase(run, markers, 2, "backward")
-    os.kill(pid, signal.SIGSTOP)
-    stopped_at = time.monotonic()
+    pid, stopped_at = signal_inside_phase(run, markers, 2, "backward", signal.SIGSTOP)
     try:
         result = run.finish(timeout=60)
         # A stopped process ignores torchrun's SIGTERM; torchrun alone would wait 30 s before its SIGKILL.

@@ -5,7 +5,6 @@ replica named; one run across two torchrun nodes (c10d rendezvous on loopback)."
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sys
@@ -19,8 +18,8 @@ from conftest import (
     assert_run_equals_unsplit,
     launch_with_markers,
     run_command,
+    signal_inside_phase,
     train_unsplit,
-    wait_for_phase,
 )
 from slow_parts import slow_model_overrides
 
@@ -107,10 +106,8 @@ def test_a_killed_worker_of_a_replica_is_named_and_nothing_hangs_in_the_all_redu
         "train.log_every=1000",
     ]
     run = launch_with_markers(args, tmp_path, markers)
-    pid = wait_for_phase(run, markers, rank=4, phase="backward")  # replica 1, worker 1
-    time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    killed_at = time.monotonic()
+    # replica 1, worker 1
+    _, killed_at = signal_inside_phase(run, markers, rank=4, phase="backward", signum=signal.SIGKILL)
     result = run.finish(timeout=60)
     assert time.monotonic() - killed_at < 10
     assert result.returncode != 0
