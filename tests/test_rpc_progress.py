@@ -112,6 +112,42 @@ def test_a_dead_workers_last_count_names_its_action_after_it_is_gone(run_store):
     board.close()
 
 
+@pytest.mark.parametrize("failure_as", ["exception", "value"])
+def test_whichever_reply_of_a_dead_worker_fails_first_it_fails_after_reading_the_last_count(
+    run_store, failure_as
+):
+    """The driver names a dead worker on the first of its replies to fail: the optimizer step's may beat
+    the actions'. Each must read the count first, or the name is of an action that had ended."""
+    board = ProgressBoard(connect_progress_store(), poll_s=60.0)  # no poll in time: only the read on failure
+    board.start([(0, 2)])
+    done = _futures(6)
+    board.track((0, 2), ProgressTracker(step_id=1, done=done))
+    StoreProgress(connect_progress_store(), (0, 2), step_id=1).advance(4)
+    optimizer_step = torch.futures.Future()
+    seen_when_failed: list[list[bool]] = []
+    passed_on = board.read_before_failing((0, 2), optimizer_step)
+    passed_on.add_done_callback(lambda _: seen_when_failed.append([future.done() for future in done]))
+    error = RuntimeError("lost the connection to it")
+    optimizer_step.set_exception(error) if failure_as == "exception" else optimizer_step.set_result(error)
+    assert seen_when_failed == [[True, True, True, True, False, False]]
+    assert "lost the connection" in str(passed_on.value())
+    board.close()
+
+
+def test_a_reply_that_succeeds_is_passed_on_without_a_read(run_store):
+    board = ProgressBoard(connect_progress_store(), poll_s=60.0)
+    board.start([(0, 0)])
+    done = _futures(2)
+    board.track((0, 0), ProgressTracker(step_id=1, done=done))
+    StoreProgress(connect_progress_store(), (0, 0), step_id=1).advance(2)
+    reply = torch.futures.Future()
+    passed_on = board.read_before_failing((0, 0), reply)
+    reply.set_result(["reports"])
+    assert passed_on.value() == ["reports"]
+    assert not any(future.done() for future in done)  # only a failure reads the store at once
+    board.close()
+
+
 def test_attempts_of_a_run_keep_their_progress_apart(run_store, monkeypatch):
     StoreProgress(connect_progress_store(), (0, 0), step_id=7).advance(5)
     assert connect_progress_store().check(["0/0"])

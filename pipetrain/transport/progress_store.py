@@ -25,9 +25,11 @@ import os
 import threading
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from pipetrain.rendezvous import attempt_prefix
+from pipetrain.runner import result_or_error
 from pipetrain.transport.handle import ProgressTracker
 
 __all__ = ["POLL_S", "ProgressBoard", "StoreProgress", "connect_progress_store"]
@@ -117,6 +119,25 @@ class ProgressBoard:
     def refresh(self, worker: Worker) -> None:
         """Read ``worker``'s count now (before its failed step's actions are failed)."""
         self._read([worker])
+
+    def read_before_failing(self, worker: Worker, reply: torch.futures.Future) -> torch.futures.Future:
+        """``reply`` (a request to ``worker``), passed on once done, and when it failed, only after
+        ``worker``'s count has been read.
+
+        The driver names a failed worker by its first action not counted done, on the first of the
+        worker's replies to fail; each of them must therefore read first, or a stale count names an action
+        that had ended.
+        """
+        passed_on: torch.futures.Future = torch.futures.Future()
+
+        def _pass_on(done: torch.futures.Future) -> None:
+            outcome = result_or_error(done)
+            if isinstance(outcome, BaseException):
+                self.refresh(worker)
+            passed_on.set_result(outcome)
+
+        reply.add_done_callback(_pass_on)
+        return passed_on
 
     def close(self) -> None:
         """Stop reading."""

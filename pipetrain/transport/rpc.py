@@ -240,25 +240,34 @@ class RpcWorkerHandle:
         worker, step_id = (self.replica_idx, self.worker_idx), self._steps_sent
 
         def _answered(reply: torch.futures.Future) -> None:
-            if isinstance(result_or_error(reply), BaseException):  # name it by the last count it wrote
-                self._board.refresh(worker)
             self._board.untrack(worker, step_id)
             tracker.finish(reply)
 
-        reply.add_done_callback(_answered)
+        self._board.read_before_failing(worker, reply).add_done_callback(_answered)
         return done
+
+    def _read_before_failing(self, reply: torch.futures.Future) -> torch.futures.Future:
+        """``reply``, failing only after the board has read this worker's progress (see
+        :meth:`ProgressBoard.read_before_failing`)."""
+        return self._board.read_before_failing((self.replica_idx, self.worker_idx), reply)
 
     def optimizer_step(self, request: OptimizerStepRequest = PLAIN_STEP) -> torch.futures.Future:
         """Ask the worker to step its stages once their actions are done."""
-        return self._runner.rpc_async(timeout=_NO_DEADLINE).optimizer_step(self._steps_sent, request)
+        return self._read_before_failing(
+            self._runner.rpc_async(timeout=_NO_DEADLINE).optimizer_step(self._steps_sent, request)
+        )
 
     def evaluation_reports(self) -> torch.futures.Future:
         """Ask the worker for its results of the evaluation pass once it is done."""
-        return self._runner.rpc_async(timeout=_NO_DEADLINE).evaluation_reports(self._steps_sent)
+        return self._read_before_failing(
+            self._runner.rpc_async(timeout=_NO_DEADLINE).evaluation_reports(self._steps_sent)
+        )
 
     def gradient_norms(self) -> torch.futures.Future:
         """Ask the worker for its gradient norms once its actions are done."""
-        return self._runner.rpc_async(timeout=_NO_DEADLINE).gradient_norms(self._steps_sent)
+        return self._read_before_failing(
+            self._runner.rpc_async(timeout=_NO_DEADLINE).gradient_norms(self._steps_sent)
+        )
 
     def call_each_stage(self, fn: Callable[..., Any], *args: Any) -> torch.futures.Future:
         """Run ``fn(stage, *args)`` for each stage on the worker (checkpoint saves and the like)."""
