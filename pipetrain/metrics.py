@@ -113,6 +113,8 @@ class WorkerFigures:
     """CPU seconds of its whole process since the previous step (workers in processes of their own)."""
     resident_bytes: int | None = None
     """Host memory its whole process held at the end of the step (workers in processes of their own)."""
+    device_memory_bytes: int | None = None
+    """Peak GPU memory its process allocated in the step (``torch.cuda.max_memory_allocated``; CUDA only)."""
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,8 @@ class StepMetrics:
                 scalars[f"worker{k}/cpu_s"] = float(figures.cpu_s)
             if figures.resident_bytes is not None:
                 scalars[f"worker{k}/host_memory_mib"] = figures.resident_bytes / 2**20
+            if figures.device_memory_bytes is not None:
+                scalars[f"worker{k}/device_memory_mib"] = figures.device_memory_bytes / 2**20
             if self.replicas:
                 scalars[f"worker{k}/allreduce_s"] = float(figures.allreduce_s)
                 scalars[f"worker{k}/allreduce_exposed_s"] = float(figures.allreduce_exposed_s)
@@ -248,6 +252,12 @@ def _busy_by_kind(reports: Sequence[StageReport]) -> dict[str, float]:
 def _first_known(values: Iterable[Any]) -> Any:
     """The first value that is not ``None`` (a per-process figure, the same on every stage of a worker)."""
     return next((value for value in values if value is not None), None)
+
+
+def _largest_known(values: Iterable[int | None]) -> int | None:
+    """The largest value that is not ``None``, or ``None`` when none is known (no stage on CUDA)."""
+    known = [value for value in values if value is not None]
+    return max(known) if known else None
 
 
 def _by_stage(reports: Sequence[StageReport]) -> list[StageReport]:
@@ -279,6 +289,7 @@ def worker_figures(
                 allreduce_exposed_s=sum(report.allreduce_exposed_s for report in own),
                 cpu_s=_first_known(report.process_cpu_s for report in own),
                 resident_bytes=_first_known(report.process_resident_bytes for report in own),
+                device_memory_bytes=_largest_known(report.peak_memory_bytes for report in own),
                 **_busy_by_kind(own),
             )
         )

@@ -144,11 +144,11 @@ def make_config(
     return cfg
 
 
-def train_unsplit(cfg, record: dict[str, list[float]] | None = None):
+def train_unsplit(cfg, record: dict[str, list[float]] | None = None, device: str = "cpu"):
     """The reference: the whole model, one process, one backward per batch, with the configured
-    learning-rate scheduler and ``clip_grad_norm_``. ``record`` collects each step's ``lr`` and
-    ``grad_norm`` (when clipping)."""
-    model = build_model(cfg)
+    learning-rate scheduler and ``clip_grad_norm_``, on ``device``. ``record`` collects each step's ``lr``
+    and ``grad_norm`` (when clipping). The returned weights are on the CPU."""
+    model = build_model(cfg).to(device)
     optimizer = call_target(cfg.optim, "optim")(model.parameters())
     scheduler = call_target(cfg.lr_scheduler, "lr_scheduler")(optimizer) if cfg.lr_scheduler else None
     loss_fn = get_loss(cfg.train.loss)
@@ -156,7 +156,7 @@ def train_unsplit(cfg, record: dict[str, list[float]] | None = None):
     record = {} if record is None else record
     losses = []
     for step in range(cfg.train.steps):
-        inputs, targets = batches.batch(step)
+        inputs, targets = (value.to(device) for value in batches.batch(step))
         loss = loss_fn(model(inputs), targets)
         optimizer.zero_grad()
         loss.backward()
@@ -168,7 +168,7 @@ def train_unsplit(cfg, record: dict[str, list[float]] | None = None):
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.item())
-    return losses, model.state_dict()
+    return losses, {name: value.cpu() for name, value in model.state_dict().items()}
 
 
 def train_pipelined(cfg, run_dir=None, start_step: int = 0, print_fn=None, replica_states=None):
@@ -200,30 +200,38 @@ def train_pipelined(cfg, run_dir=None, start_step: int = 0, print_fn=None, repli
     return losses, states[0]
 
 
-def assert_run_equals_unsplit(run_dir, overrides: list[str]) -> list[dict]:
-    """The finished run of ``overrides`` in ``run_dir`` logged the unsplit model's losses at every step and
-    saved its final weights (to 1e-5); return the run's ``metrics.jsonl`` entries."""
+def assert_run_equals_unsplit(
+    run_dir, overrides: list[str], device: str = "cpu", tolerance: float = 1e-5
+) -> list[dict]:
+    """The finished run of ``overrides`` in ``run_dir`` logged the losses of the unsplit model trained on
+    ``device`` at every step and saved its final weights (to ``tolerance``); return the run's
+    ``metrics.jsonl`` entries."""
     logged = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     cfg = to_train_config(compose_config(overrides))
-    reference_losses, reference_weights = train_unsplit(cfg)
+    reference_losses, reference_weights = train_unsplit(cfg, device=device)
     losses = [entry["train/loss"] for entry in logged]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(reference_losses), rtol=tolerance, atol=tolerance
+    )
     weights = merged_model_state(Path(run_dir) / "checkpoints" / f"step_{cfg.train.steps}")
     assert weights.keys() == reference_weights.keys()
     for name, value in reference_weights.items():
         torch.testing.assert_close(
-            weights[name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            weights[name], value, rtol=tolerance, atol=tolerance, msg=lambda m, n=name: f"{n}: {m}"
         )
     return logged
 
 
-def assert_same_training(losses, state, reference_losses, reference_state) -> None:
-    """Per-step losses and every parameter and buffer equal the reference's to 1e-5."""
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
+def assert_same_training(losses, state, reference_losses, reference_state, tolerance: float = 1e-5) -> None:
+    """Per-step losses and every parameter and buffer (compared on the CPU) equal the reference's to
+    ``tolerance``."""
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(reference_losses), rtol=tolerance, atol=tolerance
+    )
     assert state.keys() == reference_state.keys()
     for name, value in reference_state.items():
         torch.testing.assert_close(
-            state[name], value, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+            state[name].cpu(), value.cpu(), rtol=tolerance, atol=tolerance, msg=lambda m, n=name: f"{n}: {m}"
         )
 
 

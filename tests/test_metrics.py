@@ -303,6 +303,17 @@ def test_each_workers_host_memory_is_logged_once_in_mib() -> None:
     assert (scalars["worker0/host_memory_mib"], scalars["worker1/host_memory_mib"]) == (300.0, 400.0)
 
 
+def test_each_workers_peak_device_memory_is_logged_only_where_a_stage_is_on_cuda() -> None:
+    schedule = build_schedule("interleaved_1f1b", 4, 4, 2)
+    on_cpu = [_report(s, (C, f"{s}F0", 0.0, 1.0)) for s in range(4)]
+    scalars = step_metrics(1, 1.0, 8, 1.0, 2.0, on_cpu, schedule).scalars()
+    assert not any("device_memory" in tag for tag in scalars)
+    # Each stage reads its process's peak since the previous read: a worker's peak is the largest.
+    on_cuda = [dataclasses.replace(r, peak_memory_bytes=(100 * (s + 1)) << 20) for s, r in enumerate(on_cpu)]
+    scalars = step_metrics(1, 1.0, 8, 1.0, 2.0, on_cuda, schedule).scalars()
+    assert (scalars["worker0/device_memory_mib"], scalars["worker1/device_memory_mib"]) == (300.0, 400.0)
+
+
 def test_format_progress() -> None:
     line = format_progress(_metrics(step=10), total_steps=100)
     assert "\n" not in line
