@@ -133,7 +133,7 @@ class LogConfig:
     varies (``balance: "[2,4]"``, ``schedule: 1f1b``), so the table shows exactly what differs."""
 
 
-DATA_PLANES = ("rpc", "c10d")
+DATA_PLANES = ("rpc", "c10d", "shm")
 """The values of ``rpc.data_plane``."""
 
 
@@ -153,9 +153,10 @@ class RpcConfig:
     channels: list[str] | None = field(default_factory=lambda: ["basic"])
     """TensorPipe channels for tensor payloads (``null``: TensorPipe's default set)."""
     data_plane: str = "rpc"
-    """How boundary values travel between workers: ``rpc`` (the consumer fetches each one with an RPC call)
-    or ``c10d`` (the producer sends it with c10d send/recv, gloo on the CPU; :mod:`pipetrain.transport.p2p`).
-    Requests, replies and references always go over RPC."""
+    """How boundary values travel between workers: ``rpc`` (the consumer fetches each one with an RPC call),
+    ``c10d`` (the producer sends it with c10d send/recv, gloo on the CPU; :mod:`pipetrain.transport.p2p`)
+    or ``shm`` (through shared memory, every worker of a replica on one Linux host;
+    :mod:`pipetrain.transport.shm`). Requests, replies and references always go over RPC."""
 
 
 @dataclass(kw_only=True)

@@ -64,8 +64,11 @@ def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, phase, stage_i
     assert re.search(pattern, result.output), _driver_lines(result.output)
 
 
-def test_over_the_c10d_data_plane_a_killed_worker_is_named_while_its_peers_wait_to_receive(tmp_path):
-    run, markers = launch(tmp_path, "rpc.data_plane=c10d")
+@pytest.mark.parametrize("data_plane", ["c10d", "shm"])
+def test_over_a_sending_data_plane_a_killed_worker_is_named_while_its_peers_wait_to_receive(
+    tmp_path, data_plane
+):
+    run, markers = launch(tmp_path, f"rpc.data_plane={data_plane}")
     _, killed_at = signal_inside_phase(run, markers, 2, "backward", signal.SIGKILL)
     result = run.finish(timeout=60)
     assert result.returncode != 0
@@ -93,7 +96,7 @@ def test_stuck_stage_is_named_after_the_timeout_and_the_run_ends(tmp_path):
     assert ended_after < 20, f"the run took {ended_after:.1f} s to end"
 
 
-@pytest.mark.parametrize("data_plane", ["rpc", "c10d"])
+@pytest.mark.parametrize("data_plane", ["rpc", "c10d", "shm"])
 def test_exception_in_a_stage_reaches_the_driver_with_its_traceback(tmp_path, data_plane):
     run, _ = launch(tmp_path, "data.num_classes=20", f"rpc.data_plane={data_plane}")
     result = run.finish(timeout=60)

@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.rpc as rpc
 
 from pipetrain.config import RpcConfig
@@ -49,6 +51,7 @@ from pipetrain.transport.collectives import ProcessGroupGradientSync
 from pipetrain.transport.handle import ProgressTracker
 from pipetrain.transport.p2p import P2PChannel
 from pipetrain.transport.progress_store import ProgressBoard, StoreProgress, connect_progress_store
+from pipetrain.transport.shm import ShmChannel
 
 __all__ = [
     "DRIVER_NAME",
@@ -85,7 +88,7 @@ class RpcRunner:
         self.worker_idx = worker_idx
         self.replica_idx = replica_idx
         self._runner: WorkerRunner | None = None
-        self._progress_store: Any = None
+        self._progress_store: dist.Store | None = None
         self._cpu_mark = time.process_time()
 
     def start(
@@ -97,11 +100,13 @@ class RpcRunner:
         replica_ranks: Sequence[int] = (),
         timeout_s: float = 60.0,
         data_plane: str = "rpc",
+        run_name: str = "",
     ) -> StageError | None:
         """Build this worker's stages (``factory``), connect to the peer runners (of its replica) and to the
         store its progress goes to (:mod:`.progress_store`); with several ``replica_ranks``, join their
-        gradient average (:mod:`.collectives`); with ``data_plane="c10d"``, send boundary values over c10d
-        (:mod:`.p2p`) instead of serving fetches."""
+        gradient average (:mod:`.collectives`); with ``data_plane="c10d"`` or ``"shm"``, send boundary
+        values over c10d (:mod:`.p2p`) or through shared memory (:mod:`.shm`, its sockets named by
+        ``run_name``) instead of serving fetches."""
         first_stage = schedule.stages_of(self.worker_idx)[0]
         try:
             stages = factory(*factory_args, worker_idx=self.worker_idx)
@@ -125,10 +130,15 @@ class RpcRunner:
                 peer_names[worker], _fetch_here, args=(step_id, str(action)), timeout=_NO_DEADLINE
             )
 
-        channel = None
+        channel: P2PChannel | ShmChannel | None = None
         if data_plane == "c10d":
             peer_ranks = [peer.owner().id for peer in peers]
             channel = P2PChannel(peer_ranks.__getitem__, schedule.num_stages, schedule.num_microbatches)
+        elif data_plane == "shm":
+            try:
+                channel = ShmChannel(run_name, self.replica_idx, self.worker_idx, timeout_s)
+            except OSError as error:
+                return StageError.wrap(error, first_stage, "opening its socket (rpc.data_plane=shm)")
         runner.connect(_fetch, channel)
         try:
             progress_store = connect_progress_store()
@@ -305,6 +315,7 @@ def start_workers(
     ]
     board = ProgressBoard(connect_progress_store())
     board.start(workers)
+    run_name = uuid.uuid4().hex[:16]
     runners = {
         (replica, worker): rpc.remote(
             worker_name(worker, replica), RpcRunner, args=(worker, replica), timeout=_NO_DEADLINE
@@ -322,6 +333,7 @@ def start_workers(
             topology.replica_ranks(worker),
             timeout_s,
             data_plane,
+            run_name,
         )
         for replica, worker in workers
     ]
