@@ -133,7 +133,7 @@ class LogConfig:
     varies (``balance: "[2,4]"``, ``schedule: 1f1b``), so the table shows exactly what differs."""
 
 
-DATA_PLANES = ("rpc", "c10d", "shm")
+DATA_PLANES = ("auto", "rpc", "c10d", "shm")
 """The values of ``rpc.data_plane``."""
 
 
@@ -152,11 +152,13 @@ class RpcConfig:
     core in every process, which starves the stages' compute where cores are few. ``null``: all."""
     channels: list[str] | None = field(default_factory=lambda: ["basic"])
     """TensorPipe channels for tensor payloads (``null``: TensorPipe's default set)."""
-    data_plane: str = "rpc"
-    """How boundary values travel between workers: ``rpc`` (the consumer fetches each one with an RPC call),
-    ``c10d`` (the producer sends it with c10d send/recv, gloo on the CPU; :mod:`pipetrain.transport.p2p`)
-    or ``shm`` (through shared memory, every worker of a replica on one Linux host;
-    :mod:`pipetrain.transport.shm`). Requests, replies and references always go over RPC."""
+    data_plane: str = "auto"
+    """How boundary values travel between workers: ``shm`` (through shared memory, every worker of a
+    replica on one Linux host; :mod:`pipetrain.transport.shm`), ``rpc`` (the consumer fetches each one with
+    an RPC call), ``c10d`` (the producer sends it with c10d send/recv, gloo on the CPU;
+    :mod:`pipetrain.transport.p2p`), or ``auto``: ``shm`` on Linux when every process of the run is on the
+    driver's node (torchrun's ``LOCAL_WORLD_SIZE`` equals ``WORLD_SIZE``), else ``rpc``. Requests, replies
+    and references always go over RPC."""
 
 
 @dataclass(kw_only=True)

@@ -24,7 +24,14 @@ from pipetrain.profiling import warm_up as warm_up_profiler
 from pipetrain.run_dir import DRIVER_PID_FILE
 from pipetrain.topology import Topology
 from pipetrain.transport.collectives import join_default_group, leave_default_group
-from pipetrain.transport.rpc import DRIVER_NAME, init_rpc, shutdown_rpc, start_workers, worker_name
+from pipetrain.transport.rpc import (
+    DRIVER_NAME,
+    init_rpc,
+    resolve_data_plane,
+    shutdown_rpc,
+    start_workers,
+    worker_name,
+)
 
 __all__ = ["check_world_size", "drive", "serve_worker"]
 
@@ -55,7 +62,12 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
         join_default_group(0, world_size, cfg.rpc.timeout_s)
     try:
         handles = start_workers(
-            topology, schedule, build_worker_stages, (cfg, plan), cfg.rpc.timeout_s, cfg.rpc.data_plane
+            topology,
+            schedule,
+            build_worker_stages,
+            (cfg, plan),
+            cfg.rpc.timeout_s,
+            resolve_data_plane(cfg.rpc.data_plane),
         )
     except StageFailure as failure:
         print(f"pipetrain: run stopped: {failure}", flush=True)

@@ -24,8 +24,9 @@ processes (``--stages``, 2):
 ``pipetrain-zb_h1`` / ``pipetrain-zb_v`` (only with ``--schedules``)
     The zero-bubble schedules: ``schedule=zb_h1`` on the ``p`` stages, ``schedule=zb_v`` on the same model
     cut into ``2 p`` stages, stages ``r`` and ``2p-1-r`` on worker ``r``.
-``pipetrain+c10d-<schedule>`` (only with ``--data-planes rpc,c10d``)
-    The same pipetrain runs with ``rpc.data_plane=c10d``: boundary values sent over gloo send/recv.
+``pipetrain+rpc-<schedule>`` / ``pipetrain+c10d-<schedule>`` (only with ``--data-planes auto,rpc,c10d``)
+    The same pipetrain runs with ``rpc.data_plane=rpc`` (each boundary value fetched with an RPC call) or
+    ``c10d`` (sent over gloo send/recv); the plain rows use the default, ``auto`` (shared memory here).
 ``pipelining-gpipe`` / ``pipelining-1f1b`` / ``pipelining-interleaved`` / ``pipelining-zb_h1`` / ``-zb_v``
     ``torch.distributed.pipelining`` ``ScheduleGPipe`` / ``Schedule1F1B`` / ``ScheduleInterleaved1F1B`` /
     ``ScheduleInterleavedZeroBubble`` (one stage per rank) / ``ScheduleZBVZeroBubble`` on gloo with the same

@@ -72,7 +72,7 @@ class Settings:
     stage_threads: int
     run_timeout_s: float
     pipetrain_overrides: tuple[str, ...] = ()
-    data_planes: tuple[str, ...] = ("rpc",)
+    data_planes: tuple[str, ...] = ("auto",)
     """pipetrain's ``rpc.data_plane`` values, one set of pipetrain rows each."""
 
     @property
@@ -94,8 +94,9 @@ class Config:
     schedule: str | None = None
     num_microbatches: int | None = None
     threads: int | None = None
-    data_plane: str = "rpc"
-    """pipetrain's ``rpc.data_plane`` (rows named ``pipetrain+c10d-...`` for ``c10d``)."""
+    data_plane: str = "auto"
+    """pipetrain's ``rpc.data_plane`` (rows named ``pipetrain+c10d-...`` for ``c10d``; plain for the
+    default, ``auto``)."""
 
     @property
     def name(self) -> str:
@@ -103,7 +104,7 @@ class Config:
         if self.method == "single":
             return f"single-{self.threads}t"
         assert self.schedule is not None
-        method = self.method if self.data_plane == "rpc" else f"{self.method}+{self.data_plane}"
+        method = self.method if self.data_plane == "auto" else f"{self.method}+{self.data_plane}"
         return f"{method}-{SHORT_NAMES[self.schedule]}"
 
 
@@ -141,8 +142,9 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "") -> argp
     )
     parser.add_argument(
         "--data-planes",
-        default="rpc",
-        help="comma-separated rpc.data_plane values of the pipetrain rows, e.g. rpc,c10d (default rpc)",
+        default="auto",
+        help="comma-separated rpc.data_plane values of the pipetrain rows, e.g. auto,rpc,c10d (default auto:"
+        " shared memory on one Linux host)",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, m = 4, 1 repeat, 4 steps")
     parser.add_argument("--out", type=Path, default=Path("bench_results"), help="<out>.json, <out>.csv")

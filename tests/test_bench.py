@@ -114,11 +114,11 @@ def test_zero_bubble_rows_run_the_same_split_as_pytorchs(bench_settings):
 def test_data_plane_rows_train_over_c10d_and_compare_with_the_same_pytorch_schedule(
     bench_settings, monkeypatch
 ):
-    """``--data-planes rpc,c10d``: one set of pipetrain rows per data plane, each compared with PyTorch's."""
+    """``--data-planes auto,c10d``: one set of pipetrain rows per data plane, each compared with PyTorch's."""
     import bench_report
     import bench_runs
 
-    args = bench_settings.parse_args(["--quick", "--schedules", "1f1b", "--data-planes", "rpc,c10d"])
+    args = bench_settings.parse_args(["--quick", "--schedules", "1f1b", "--data-planes", "auto,c10d"])
     settings = bench_settings.settings_from_args(args)
     by_name = {config.name: config for config in bench_settings.configurations(settings)}
     assert {"pipetrain-1f1b", "pipetrain+c10d-1f1b", "pipelining-1f1b"} <= by_name.keys()

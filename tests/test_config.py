@@ -172,7 +172,10 @@ def _with(**changes):
         ({"schedule__name": "zb"}, r"unknown schedule 'zb'.*schedule=<name>"),
         ({"device": "tpu"}, r"device: 'tpu' is not one of"),
         ({"rpc__timeout_s": 0}, r"rpc.timeout_s"),
-        ({"rpc__data_plane": "nccl"}, r"rpc.data_plane: 'nccl' is not one of \['rpc', 'c10d', 'shm'\]"),
+        (
+            {"rpc__data_plane": "nccl"},
+            r"rpc.data_plane: 'nccl' is not one of \['auto', 'rpc', 'c10d', 'shm'\]",
+        ),
         (
             {"model___target_": "pipetrain.models.nope"},
             r"model._target_: cannot import 'pipetrain.models.nope'",

@@ -29,6 +29,8 @@ instead of raising (RPC would re-create a raised exception from its message alon
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 import uuid
 import warnings
@@ -136,7 +138,8 @@ class RpcRunner:
             channel = P2PChannel(peer_ranks.__getitem__, schedule.num_stages, schedule.num_microbatches)
         elif data_plane == "shm":
             try:
-                channel = ShmChannel(run_name, self.replica_idx, self.worker_idx, timeout_s)
+                # The driver's watchdog names a stalled producer after timeout_s; this wait is a backstop.
+                channel = ShmChannel(run_name, self.replica_idx, self.worker_idx, 2 * timeout_s)
             except OSError as error:
                 return StageError.wrap(error, first_stage, "opening its socket (rpc.data_plane=shm)")
         runner.connect(_fetch, channel)
@@ -292,6 +295,15 @@ class RpcWorkerHandle:
 def _fetch_here(step_id: int, action_text: str) -> torch.futures.Future:
     """On a worker: the output of ``action_text`` once it exists (:meth:`RpcRunner.fetch`)."""
     return _SERVED["runner"].fetch(step_id, action_text)
+
+
+def resolve_data_plane(setting: str) -> str:
+    """The data plane ``rpc.data_plane`` names, with ``auto`` resolved on the driver: ``shm`` on Linux when
+    torchrun started every process of the run on this node, else ``rpc``."""
+    if setting != "auto":
+        return setting
+    one_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    return "shm" if one_node and sys.platform.startswith("linux") else "rpc"
 
 
 def start_workers(

@@ -17,8 +17,9 @@ is not) and copies the value out.
   the value's structure with each tensor leaf replaced by its place in the segment, or the
   :class:`~pipetrain.failures.StageError` that stopped the producer.
 - **Failures.** A producer whose connection closes (its process died) fails the wait for its values at
-  once; one that stalls fails it after ``rpc.timeout_s`` without news. Either way the wait returns the
-  error as a value, never hanging.
+  once; one that stalls fails it after ``timeout_s`` without news (twice ``rpc.timeout_s``: the driver's
+  watchdog names a stalled worker first). Either way the wait returns the error as a value, never
+  hanging.
 
 Linux only, and only where every worker of a replica runs on one host (the abstract socket of a worker on
 another host cannot be reached: the first send says so).
@@ -192,7 +193,7 @@ class ShmChannel:
                     )
                 if time.monotonic() - last_news > self._timeout_s:
                     return TimeoutError(
-                        f"nothing came from the other workers in {self._timeout_s:.0f} s (rpc.timeout_s) "
+                        f"nothing came from the other workers in {self._timeout_s:.0f} s (2 x rpc.timeout_s) "
                         f"while waiting for {action_text} of step {step_id} from worker {producer}"
                     )
                 if self._read_notices(_POLL_S):
