@@ -113,6 +113,27 @@ def test_the_wait_for_a_dead_producer_fails_at_once_and_what_it_sent_stays_reada
     assert time.monotonic() - started < 2
 
 
+def _intruder(name: str) -> None:
+    """Another user's process: sends worker 1 a value as if it were worker 0."""
+    os.setuid(65534)
+    channel = ShmChannel(name, 0, 0, 30.0)
+    channel.send(5, 1, NESTED, (_nested(5, 2), 1.5))
+    os._exit(0)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a process as another user")
+@pytest.mark.timeout(60)
+def test_a_connection_from_another_user_is_closed_unread():
+    name = uuid.uuid4().hex[:16]
+    consumer = ShmChannel(name, 0, 1, 1.0)
+    process = multiprocessing.get_context("spawn").Process(target=_intruder, args=(name,))
+    process.start()
+    process.join(timeout=30)
+    assert process.exitcode == 0
+    outcome = consumer.receive(5, 0, NESTED).wait()
+    assert isinstance(outcome, TimeoutError), outcome
+
+
 RUNS = {
     "1f1b-3-workers": ["schedule=1f1b", "pipeline.balance=[2,2,2]", "pipeline.num_microbatches=4"],
     "interleaved-2-workers": [

@@ -16,6 +16,8 @@ is not) and copies the value out.
   by the run and the worker. A producer connects on its first send. A notice is a length-prefixed pickle:
   the value's structure with each tensor leaf replaced by its place in the segment, or the
   :class:`~pipetrain.failures.StageError` that stopped the producer.
+- **Who may send.** The socket can be reached by any process of the host that knows its name; a
+  connection from another user is closed unread (``SO_PEERCRED``).
 - **Failures.** A producer whose connection closes (its process died) fails the wait for its values at
   once; one that stalls fails it after ``timeout_s`` without news (twice ``rpc.timeout_s``: the driver's
   watchdog names a stalled worker first). Either way the wait returns the error as a value, never
@@ -53,6 +55,8 @@ _ALIGN = 64
 _POLL_S = 0.5
 """How often a wait looks at the clock while no notice comes."""
 _MAX_FDS = 64
+_CREDENTIALS = struct.Struct("3i")
+"""``SO_PEERCRED``: the peer's pid, uid and gid."""
 
 
 def socket_address(run_name: str, replica_idx: int, worker_idx: int) -> bytes:
@@ -207,6 +211,9 @@ class ShmChannel:
         for ready in readable:
             if ready is self._listener:
                 connection, _ = self._listener.accept()
+                if _peer_uid(connection) != os.getuid():  # anyone on the host can reach the socket
+                    connection.close()
+                    continue
                 self._readers[connection] = _Reader(connection)
                 continue
             reader = self._readers[ready]
@@ -271,6 +278,12 @@ class _Reader:
             notices.append((notice, self._fds[:count]))
             del self._fds[:count]
         return notices
+
+
+def _peer_uid(connection: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix socket."""
+    credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+    return _CREDENTIALS.unpack(credentials)[1]
 
 
 def _elements(shape: tuple[int, ...]) -> int:
