@@ -7,9 +7,10 @@ Names: the driver is RPC worker ``driver`` (rank 0), worker ``w`` is RPC worker 
 calls through it (``rref.rpc_async().method(...)``) run on the owner, on the object itself. The driver
 creates each worker's :class:`RpcRunner` on that worker with ``rpc.remote`` and keeps the RRef: every
 request it sends for a step goes to that object. At start each runner receives the RRefs of its peer
-runners, which name the processes it pulls its inputs from. Tensors themselves travel as RPC payloads,
-worker to worker, never through the driver (RRefs to CUDA tensors are unsupported; a reference to the
-producing runner is what is needed anyway).
+runners, which name the processes it pulls its inputs from. Tensors themselves travel worker to worker,
+never through the driver (RRefs to CUDA tensors are unsupported; a reference to the producing runner is
+what is needed anyway): as RPC payloads with ``rpc.data_plane=rpc``, through shared memory (:mod:`.shm`,
+what ``auto`` picks on one host) or over c10d (:mod:`.p2p`) otherwise.
 
 **One call skips RRefs.** The call made per boundary value, a worker pulling an input from its producer,
 addresses the process by its RPC name and reaches the one runner it serves through :data:`_SERVED`: an
