@@ -46,6 +46,30 @@ SMALL_SGD_RUN = [
 ]
 """Overrides of a short real run (6 steps of a 32-wide MLP, SGD with momentum) for parity tests."""
 
+DATA_PLANE_RUNS = {
+    "1f1b-3-workers": ["schedule=1f1b", "pipeline.balance=[2,2,2]", "pipeline.num_microbatches=4"],
+    "interleaved-2-workers": [
+        "schedule=interleaved_1f1b",
+        "pipeline.balance=[2,1,2,1]",
+        "pipeline.stages_per_worker=2",
+        "pipeline.num_microbatches=4",
+    ],
+    "zb_v-2-workers": ["schedule=zb_v", "pipeline.balance=[2,1,2,1]"],
+    "dict-boundaries": [
+        "model._target_=nested_parts.make_model",
+        "model.in_features=8",
+        "model.depth=3",
+        "model.num_classes=5",
+        "+model.style=dict",
+        "data.num_samples=256",
+        "schedule=gpipe",
+        "pipeline.balance=[1,2,2]",
+        "pipeline.num_microbatches=4",
+    ],
+}
+"""Splits and schedules each data plane that sends values must train like the unsplit model (with
+:data:`SMALL_SGD_RUN`; ``dict-boundaries`` needs ``tests/`` on ``PYTHONPATH``)."""
+
 MODEL_SPECS = {
     "mlp": {
         "_target_": "pipetrain.models.mlp.mlp",

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import SMALL_SGD_RUN, TESTS_DIR, train_equals_unsplit
+from conftest import DATA_PLANE_RUNS, SMALL_SGD_RUN, TESTS_DIR, train_equals_unsplit
 
 from pipetrain.failures import StageError
 from pipetrain.schedule import Action, ActionKind
@@ -134,32 +134,9 @@ def test_a_connection_from_another_user_is_closed_unread():
     assert isinstance(outcome, TimeoutError), outcome
 
 
-RUNS = {
-    "1f1b-3-workers": ["schedule=1f1b", "pipeline.balance=[2,2,2]", "pipeline.num_microbatches=4"],
-    "interleaved-2-workers": [
-        "schedule=interleaved_1f1b",
-        "pipeline.balance=[2,1,2,1]",
-        "pipeline.stages_per_worker=2",
-        "pipeline.num_microbatches=4",
-    ],
-    "zb_v-2-workers": ["schedule=zb_v", "pipeline.balance=[2,1,2,1]"],
-    "dict-boundaries": [
-        "model._target_=nested_parts.make_model",
-        "model.in_features=8",
-        "model.depth=3",
-        "model.num_classes=5",
-        "+model.style=dict",
-        "data.num_samples=256",
-        "schedule=gpipe",
-        "pipeline.balance=[1,2,2]",
-        "pipeline.num_microbatches=4",
-    ],
-}
-
-
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("run", sorted(RUNS))
+@pytest.mark.parametrize("run", sorted(DATA_PLANE_RUNS))
 def test_training_over_the_shm_data_plane_equals_unsplit(tmp_path, run):
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    train_equals_unsplit(tmp_path, [*SMALL_SGD_RUN, "rpc.data_plane=shm", *RUNS[run]], env=env)
+    train_equals_unsplit(tmp_path, [*SMALL_SGD_RUN, "rpc.data_plane=shm", *DATA_PLANE_RUNS[run]], env=env)

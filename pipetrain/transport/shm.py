@@ -29,6 +29,7 @@ another host cannot be reached: the first send says so).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import pickle
@@ -248,7 +249,7 @@ class ShmChannel:
 
     def _copy_out(self, producer: int, leaf: _Leaf) -> torch.Tensor:
         memory = self._segments_in[(producer, leaf.segment)].bytes
-        nbytes = _elements(leaf.shape) * leaf.dtype.itemsize
+        nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
         return memory[leaf.offset : leaf.offset + nbytes].view(leaf.dtype).reshape(leaf.shape).clone()
 
 
@@ -284,13 +285,6 @@ def _peer_uid(connection: socket.socket) -> int:
     """The user id of the process at the other end of a Unix socket."""
     credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
     return _CREDENTIALS.unpack(credentials)[1]
-
-
-def _elements(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _aligned(nbytes: int) -> int:
