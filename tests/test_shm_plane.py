@@ -90,21 +90,30 @@ def test_a_worker_that_cannot_be_reached_is_an_error_naming_the_key():
         lonely.send(1, 1, NESTED, (_nested(1, 2), 1.0))
 
 
-def _dying_producer(name: str) -> None:
-    """Worker 0: sends one value to worker 1, then dies without a goodbye."""
+def _send_once_and_die(name: str, uid: int | None) -> None:
+    """Worker 0 (run as user ``uid`` when given): sends one value to worker 1, then dies without a
+    goodbye."""
+    if uid is not None:
+        os.setuid(uid)
     channel = ShmChannel(name, 0, 0, 30.0)
     channel.send(5, 1, NESTED, (_nested(5, 2), 1.5))
     os._exit(0)
 
 
-@pytest.mark.timeout(60)
-def test_the_wait_for_a_dead_producer_fails_at_once_and_what_it_sent_stays_readable():
+def _consumer_after_a_send(timeout_s: float, uid: int | None = None) -> ShmChannel:
+    """Worker 1's channel, once a producer process (:func:`_send_once_and_die`) has sent to it and ended."""
     name = uuid.uuid4().hex[:16]
-    consumer = ShmChannel(name, 0, 1, 30.0)
-    process = multiprocessing.get_context("spawn").Process(target=_dying_producer, args=(name,))
+    consumer = ShmChannel(name, 0, 1, timeout_s)
+    process = multiprocessing.get_context("spawn").Process(target=_send_once_and_die, args=(name, uid))
     process.start()
     process.join(timeout=30)
     assert process.exitcode == 0
+    return consumer
+
+
+@pytest.mark.timeout(60)
+def test_the_wait_for_a_dead_producer_fails_at_once_and_what_it_sent_stays_readable():
+    consumer = _consumer_after_a_send(timeout_s=30.0)
     (hidden, _), at = consumer.receive(5, 0, NESTED).wait()
     assert at == 1.5 and torch.equal(hidden, _nested(5, 2)[0])
     started = time.monotonic()
@@ -113,23 +122,10 @@ def test_the_wait_for_a_dead_producer_fails_at_once_and_what_it_sent_stays_reada
     assert time.monotonic() - started < 2
 
 
-def _intruder(name: str) -> None:
-    """Another user's process: sends worker 1 a value as if it were worker 0."""
-    os.setuid(65534)
-    channel = ShmChannel(name, 0, 0, 30.0)
-    channel.send(5, 1, NESTED, (_nested(5, 2), 1.5))
-    os._exit(0)
-
-
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a process as another user")
 @pytest.mark.timeout(60)
 def test_a_connection_from_another_user_is_closed_unread():
-    name = uuid.uuid4().hex[:16]
-    consumer = ShmChannel(name, 0, 1, 1.0)
-    process = multiprocessing.get_context("spawn").Process(target=_intruder, args=(name,))
-    process.start()
-    process.join(timeout=30)
-    assert process.exitcode == 0
+    consumer = _consumer_after_a_send(timeout_s=1.0, uid=65534)
     outcome = consumer.receive(5, 0, NESTED).wait()
     assert isinstance(outcome, TimeoutError), outcome
 
