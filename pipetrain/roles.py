@@ -22,8 +22,10 @@ from pipetrain.loader import DataError
 from pipetrain.partition import StagePlan
 from pipetrain.profiling import warm_up as warm_up_profiler
 from pipetrain.run_dir import DRIVER_PID_FILE
+from pipetrain.schedule import Schedule
 from pipetrain.topology import Topology
 from pipetrain.transport.collectives import join_default_group, leave_default_group
+from pipetrain.transport.progress_store import ProgressBoard, connect_progress_store
 from pipetrain.transport.rpc import (
     DRIVER_NAME,
     init_rpc,
@@ -60,12 +62,26 @@ def drive(cfg: TrainConfig, plan: StagePlan, world_size: int, run_dir: Path) -> 
     topology = Topology.of(schedule, cfg.pipeline.replicas)
     if _uses_collectives(cfg, topology):
         join_default_group(0, world_size, cfg.rpc.timeout_s)
+    with ProgressBoard(connect_progress_store()) as board:
+        return _train_on_workers(cfg, plan, schedule, topology, board, run_dir)
+
+
+def _train_on_workers(
+    cfg: TrainConfig,
+    plan: StagePlan,
+    schedule: Schedule,
+    topology: Topology,
+    board: ProgressBoard,
+    run_dir: Path,
+) -> int:
+    """The driver's run once RPC is up: start the workers, train, leave the RPC group; the exit status."""
     try:
         handles = start_workers(
             topology,
             schedule,
             build_worker_stages,
             (cfg, plan),
+            board,
             cfg.rpc.timeout_s,
             resolve_data_plane(cfg.rpc.data_plane),
         )

@@ -148,6 +148,15 @@ def test_a_reply_that_succeeds_is_passed_on_without_a_read(run_store):
     board.close()
 
 
+def test_the_board_s_reading_thread_has_ended_when_its_block_does(run_store):
+    """The driver reads progress inside a ``with`` block around its run: nothing reads the store after."""
+    with ProgressBoard(connect_progress_store(), poll_s=60.0) as board:
+        board.start([(0, 0)])
+        readers = [thread for thread in threading.enumerate() if thread.name == "progress-board"]
+        assert readers
+    assert not any(thread.is_alive() for thread in readers)
+
+
 def test_attempts_of_a_run_keep_their_progress_apart(run_store, monkeypatch):
     StoreProgress(connect_progress_store(), (0, 0), step_id=7).advance(5)
     assert connect_progress_store().check(["0/0"])

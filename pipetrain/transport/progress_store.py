@@ -79,8 +79,8 @@ class StoreProgress:
 class ProgressBoard:
     """The driver's view of the workers' progress: routes each worker's count to the tracker of its step.
 
-    With a ``store``, a daemon thread reads the tracked workers' keys every ``poll_s``; without one (tests),
-    counts come only through :meth:`advance`.
+    With a ``store``, a thread reads the tracked workers' keys every ``poll_s`` until :meth:`close` (or the
+    end of a ``with`` block); without one (tests), counts come only through :meth:`advance`.
     """
 
     def __init__(self, store: dist.Store | None = None, poll_s: float = POLL_S) -> None:
@@ -89,8 +89,16 @@ class ProgressBoard:
         self._store = store
         self._poll_s = poll_s
         self._closed = threading.Event()
+        self._poller: threading.Thread | None = None
         if store is not None:
-            threading.Thread(target=self._poll, name="progress-board", daemon=True).start()
+            self._poller = threading.Thread(target=self._poll, name="progress-board", daemon=True)
+            self._poller.start()
+
+    def __enter__(self) -> ProgressBoard:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def start(self, workers: list[Worker]) -> None:
         """Give every worker's key a value that counts nothing (step 0), so that reads never wait."""
@@ -140,8 +148,11 @@ class ProgressBoard:
         return passed_on
 
     def close(self) -> None:
-        """Stop reading."""
+        """Stop reading; the reading thread has ended when this returns (a read under way may take up to
+        the store's timeout, which only a store that is gone reaches)."""
         self._closed.set()
+        if self._poller is not None and self._poller is not threading.current_thread():
+            self._poller.join()
 
     def _poll(self) -> None:
         while not self._closed.wait(self._poll_s):

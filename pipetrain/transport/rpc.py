@@ -312,12 +312,14 @@ def start_workers(
     schedule: Schedule,
     factory: StageFactory,
     factory_args: tuple[Any, ...],
+    board: ProgressBoard,
     timeout_s: float = 60.0,
     data_plane: str = "rpc",
 ) -> list[RpcWorkerHandle]:
     """Driver: create every worker's runner (``rpc.remote``), build its stages, connect them; the handles
-    (replica by replica, worker by worker). The copies of a worker in the replicas form a process group
-    with ``timeout_s`` on its collectives. ``data_plane``: how boundary values travel (``rpc.data_plane``).
+    (replica by replica, worker by worker), whose progress ``board`` reads (the caller closes it when the
+    run is over). The copies of a worker in the replicas form a process group with ``timeout_s`` on its
+    collectives. ``data_plane``: how boundary values travel (``rpc.data_plane``).
 
     Raises :class:`StageFailure`, naming the worker, for the first one that could not build its stages.
     """
@@ -326,7 +328,6 @@ def start_workers(
         for replica in range(topology.num_replicas)
         for worker in range(topology.num_workers)
     ]
-    board = ProgressBoard(connect_progress_store())
     board.start(workers)
     run_name = uuid.uuid4().hex[:16]
     runners = {
