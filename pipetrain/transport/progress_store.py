@@ -40,6 +40,9 @@ POLL_S = 0.25
 _STORE_TIMEOUT_S = 30.0
 """How long a read waits for the store; the keys exist from the start, so only a store that is gone waits."""
 
+_CLOSE_WAIT_S = 1.0
+"""How long closing the board waits for a read under way (one takes milliseconds while the store is up)."""
+
 Worker = tuple[int, int]
 """(replica index, worker index)."""
 
@@ -148,11 +151,12 @@ class ProgressBoard:
         return passed_on
 
     def close(self) -> None:
-        """Stop reading; the reading thread has ended when this returns (a read under way may take up to
-        the store's timeout, which only a store that is gone reaches)."""
+        """Stop reading; the reading thread has ended when this returns, unless a read under way waits for
+        a store that is gone: that thread (a daemon) is left behind after :data:`_CLOSE_WAIT_S` rather
+        than holding up the end of the run."""
         self._closed.set()
         if self._poller is not None and self._poller is not threading.current_thread():
-            self._poller.join()
+            self._poller.join(timeout=_CLOSE_WAIT_S)
 
     def _poll(self) -> None:
         while not self._closed.wait(self._poll_s):
