@@ -8,7 +8,9 @@ moment of a worker (outputs to hand over, the next input to take). So a worker d
 they end. Its :class:`ActionWatch` thread looks at the action under way every :data:`REPORT_AFTER_S`, and
 reports it when it has run that long: a failure during such an action names it. Short actions are
 reported only by a heartbeat every :data:`HEARTBEAT_S` while the step moves, which is all the watchdog
-needs. A worker that dies during a short action is named with the last action the driver heard of.
+needs. A worker that dies during a short action is named with the last action the driver heard of. The end
+of a step's last action is the exception: the compute thread reports it itself, once a step, before the
+optimizer steps begin, so that a failure in those is never blamed on an action.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ class ActionWatch:
     """One worker's progress reports, step after step, from one long-lived daemon thread.
 
     The compute thread calls :meth:`begin` with a step's report function, :meth:`done` as its actions
-    end, and :meth:`end` when the step is over. ``done`` only records the count and the time (no thread
-    is woken); the watch thread wakes every ``report_after_s`` during a step and calls ``report(n)`` (the
-    first ``n`` actions are done, the next is under way) when the next action has been under way for
-    ``report_after_s``, or when ``heartbeat_s`` has passed since the last report and the count has grown.
+    end (:meth:`finished` for the last), and :meth:`end` when the step is over. ``done`` only records the
+    count and the time (no thread is woken); the watch thread wakes every ``report_after_s`` during a step
+    and calls ``report(n)`` (the first ``n`` actions are done, the next is under way) when the next action
+    has been under way for ``report_after_s``, or when ``heartbeat_s`` has passed since the last report and
+    the count has grown. Reports of a step go out one at a time and in order: a count lower than one
+    already reported is dropped.
     """
 
     def __init__(
@@ -49,6 +53,8 @@ class ActionWatch:
         self._since = 0.0
         self._reported = 0
         self._reported_at = 0.0
+        self._sending = threading.Lock()
+        self._sent: tuple[Callable[[int], None] | None, int] = (None, 0)
 
     def begin(self, report: Callable[[int], None]) -> None:
         """A step starts: its first action is under way; reports go to ``report``."""
@@ -66,6 +72,17 @@ class ActionWatch:
         with self._changed:
             self._count = count
             self._since = time.monotonic()
+
+    def finished(self, count: int) -> None:
+        """The step's last action (the ``count``-th) is done: report it now, on the calling thread. What
+        follows, the optimizer steps, may run long, and a failure there must not be blamed on an action
+        because the watch thread had not looked yet."""
+        with self._changed:
+            self._count = self._reported = count
+            self._since = self._reported_at = time.monotonic()
+            report = self._report
+        if report is not None:
+            self._send(report, count)
 
     def end(self) -> None:
         """The step is over: nothing more is reported for it."""
@@ -85,4 +102,13 @@ class ActionWatch:
                 if not ran_long and now - self._reported_at < self._heartbeat_s:
                     continue
                 self._reported, self._reported_at = count, now
+            self._send(report, count)
+
+    def _send(self, report: Callable[[int], None], count: int) -> None:
+        """``report(count)``, unless a higher count of the same step has gone out already."""
+        with self._sending:
+            last_report, last_count = self._sent
+            if report is last_report and count <= last_count:
+                return
+            self._sent = (report, count)
             report(count)

@@ -372,7 +372,10 @@ class WorkerRunner:
                     output = self._dispatch(action, value, target)
                 self._hand_over(step_id, action, output, local_outputs)
                 free_at = time.time()
-                self._watch.done(position + 1)
+                if position + 1 < len(work):
+                    self._watch.done(position + 1)
+                else:
+                    self._watch.finished(len(work))
                 remaining[action.stage_idx] -= 1
                 if remaining[action.stage_idx] == 0 and self.gradient_sync is not None:
                     failed_stage, running = action.stage_idx, _SYNC

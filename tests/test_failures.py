@@ -64,6 +64,20 @@ def test_killed_stage_ends_the_run_quickly_and_names_it(tmp_path, phase, stage_i
     assert re.search(pattern, result.output), _driver_lines(result.output)
 
 
+def test_a_worker_killed_as_its_optimizer_step_begins_is_named_in_its_optimizer_step(tmp_path):
+    """No time for a thread to report after the last action: the count that says every action is done
+    is out before the optimizer step begins."""
+    run, markers = launch(tmp_path)
+    os.kill(wait_for_phase(run, markers, 3, "step"), signal.SIGKILL)
+    result = run.finish(timeout=60)
+    assert result.returncode != 0
+    pattern = (
+        r"run stopped in step \d+: worker 2 \(rank 3\) failed during optimizer step"
+        r".*lost the connection"
+    )
+    assert re.search(pattern, result.output), _driver_lines(result.output)
+
+
 @pytest.mark.parametrize("data_plane", ["c10d", "shm"])
 def test_over_a_sending_data_plane_a_killed_worker_is_named_while_its_peers_wait_to_receive(
     tmp_path, data_plane

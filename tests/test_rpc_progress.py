@@ -201,6 +201,19 @@ def test_a_step_of_short_actions_still_reports_a_heartbeat():
     assert sent == sorted(sent) and sent[-1] <= count
 
 
+def test_the_end_of_the_last_action_is_reported_at_once_and_no_earlier_count_follows_it():
+    """Before the optimizer steps begin, the driver has the count that says every action is done, without
+    waiting for the watch thread (here it would not look for a minute)."""
+    watch = ActionWatch("reports-finished", report_after_s=60.0, heartbeat_s=60.0)
+    sent = _reports_of(watch)
+    watch.done(1)
+    watch.finished(2)
+    assert sent == [2]
+    watch._send(watch._report, 1)  # what the watch thread does with a count it took just before
+    assert sent == [2]
+    watch.end()
+
+
 def test_one_long_lived_thread_reports_step_after_step():
     watch = ActionWatch("reports-steps")
     for step in range(3):
