@@ -200,6 +200,7 @@ class StepMetrics:
             scalars["pipeline/critical_path/overhead_s"] = float(path.overhead_s)
             scalars["pipeline/critical_path/start_s"] = float(path.start_s)
             scalars["pipeline/critical_path/transfers"] = float(path.transfers)
+            scalars["pipeline/critical_path/actions"] = float(len(path.actions))
         if self.cpu_s is not None:
             scalars["perf/cpu_s"] = float(self.cpu_s)
             scalars["perf/driver_cpu_s"] = float(self.driver_cpu_s or 0.0)

@@ -86,6 +86,9 @@ them, for both frameworks):
                 same schedule.
 ``cp_gap``      the same for the gaps after an action on the same worker: the runtime's own time between
                 two actions (``pipeline/critical_path/overhead_s``).
+``rt_ms``       the runtime's own time per action on the critical path, in ms: ``(cp_xfer + cp_gap)`` over
+                the actions on the path (``pipeline/critical_path/actions``). Unlike ``ovh_ms``, it leaves
+                out compute running slower than its means.
 ``cpu_ms``      CPU time of all the run's processes per step, in ms (``perf/cpu_s``): pipetrain's driver and
                 workers, every thread (compute, RPC, progress reports), from one step's end to the next;
                 pipelining: its ranks', measured the same way. Neither counts a data loader's processes.

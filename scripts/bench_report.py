@@ -34,6 +34,7 @@ COLUMNS = [
     ("ovh_ms", "overhead_ms", "{:.2f}"),
     ("cp_xfer", "path_transfer_ms", "{:.1f}"),
     ("cp_gap", "path_overhead_ms", "{:.1f}"),
+    ("rt_ms", "runtime_ms_per_action", "{:.2f}"),
     ("cpu_ms", "cpu_ms", "{:.0f}"),
     ("peak_MiB", "peak_activation_mib", "{}"),
     ("vs_pp", "vs_pp", "{:.2f}"),
@@ -41,7 +42,8 @@ COLUMNS = [
 
 CSV_FIELDS = (
     "method schedule m p workers batch_size runs_ok step_time_s samples_per_sec x_1t t_mb_ms e_mb bubble "
-    "pred_unit pred_measured overhead_ms path_transfer_ms path_overhead_ms cpu_ms peak_activation_mib vs_pp "
+    "pred_unit pred_measured overhead_ms path_transfer_ms path_overhead_ms runtime_ms_per_action cpu_ms "
+    "peak_activation_mib vs_pp "
     "loss_step1 not_applicable"
 ).split()
 
@@ -73,6 +75,9 @@ def step_figures(record: dict[str, Any], batch_size: int, unit: Timeline | None)
     if record.get("path_transfer_s") is not None:
         figures["path_transfer_ms"] = record["path_transfer_s"] * 1e3
         figures["path_overhead_ms"] = record["path_overhead_s"] * 1e3
+    if record.get("path_actions"):
+        runtime_s = record["path_transfer_s"] + record["path_overhead_s"]
+        figures["runtime_ms_per_action"] = runtime_s / record["path_actions"] * 1e3
     return figures
 
 

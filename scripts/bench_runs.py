@@ -179,6 +179,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
                 "cpu_s": logged.get("perf/cpu_s"),
                 "path_transfer_s": logged.get("pipeline/critical_path/transfer_s"),
                 "path_overhead_s": logged.get("pipeline/critical_path/overhead_s"),
+                "path_actions": logged.get("pipeline/critical_path/actions"),
             }
         )
     return records

@@ -124,6 +124,7 @@ STEP_TAGS = [
     "pipeline/critical_path/overhead_s",
     "pipeline/critical_path/start_s",
     "pipeline/critical_path/transfers",
+    "pipeline/critical_path/actions",
 ]
 WORKER_TAG_NAMES = (
     "busy_s",

@@ -55,6 +55,7 @@ def test_quick_bench_measures_every_method(tmp_path):
         assert row["p"] == (4 if row["method"].endswith("-interleaved") else 2), row
         if row["method"].startswith("pipetrain-"):
             assert row["vs_pp"] > 0, row
+        assert row["runtime_ms_per_action"] >= 0, row  # both frameworks log their critical path
     interleaved = next(row for row in rows if row["method"] == "pipetrain-interleaved")
     assert interleaved["pred_unit"] == pytest.approx(1 / 9)  # (W-1)/(v*m+W-1), W=2, v=2, m=4
     # Every method trains the same model from the same weights on the same first batch.

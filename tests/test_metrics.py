@@ -24,7 +24,7 @@ from pipetrain.metrics import (
     step_metrics,
     worker_figures,
 )
-from pipetrain.schedule import StageCosts, build_schedule, simulate
+from pipetrain.schedule import Action, ActionKind, StageCosts, build_schedule, simulate
 from pipetrain.timings import Span, SpanCategory, StageReport
 from pipetrain.trace import CATEGORY_TIDS, write_chrome_trace
 
@@ -72,7 +72,12 @@ def _metrics(step: int = 3, num_stages: int = 2) -> StepMetrics:
         window_s=0.45,
         window_predicted_measured_costs_s=0.4,
         critical_path=CriticalPath(
-            compute_s=0.4, transfer_s=0.05, overhead_s=0.03, start_s=0.02, transfers=2, actions=()
+            compute_s=0.4,
+            transfer_s=0.05,
+            overhead_s=0.03,
+            start_s=0.02,
+            transfers=2,
+            actions=(Action(0, ActionKind.FORWARD, 0), Action(1, ActionKind.FORWARD, 0)),
         ),
     )
 
@@ -261,6 +266,7 @@ def test_scalars_tags() -> None:
     assert scalars["pipeline/bubble_fraction_predicted_measured_costs"] == 0.25
     assert scalars["pipeline/critical_path/transfer_s"] == 0.05
     assert scalars["pipeline/critical_path/transfers"] == 2
+    assert scalars["pipeline/critical_path/actions"] == 2
     assert scalars["worker2/busy_s"] == 3.0
     assert scalars["worker2/idle_s"] == 1.0
     assert scalars["worker2/transfer_s"] == 2.25
