@@ -212,7 +212,8 @@ class WorkerRunner:
 
         ``progress(n)`` says that the first ``n`` actions are done, from the worker's report thread
         (:mod:`pipetrain.progress`): when action ``n`` has been under way for 10 ms, or as a heartbeat
-        every 0.25 s; short actions go unreported, as the returned future says all are done. With
+        every 0.25 s; short actions go unreported, as the returned future says all are done. The end of
+        the last action is reported from the compute thread, before the optimizer steps. With
         ``profile``, the step runs under ``torch.profiler`` until its optimizer steps are done; then
         :meth:`collect_profile` hands the profile out. With ``evaluate``, ``work`` is the forward actions
         only (:meth:`Schedule.forward_only`), run by :meth:`Stage.evaluate`; no optimizer step follows,
