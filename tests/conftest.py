@@ -326,15 +326,22 @@ def launch_with_markers(args: list[str], cwd: Path, markers: Path) -> Launched:
 def wait_for_phase(run: Launched, markers: Path, rank: int, phase: str, timeout: float = 60) -> int:
     """Wait until ``rank`` reports ``phase``; return its pid."""
     deadline = time.monotonic() + timeout
-    marker = markers / f"rank{rank}"
     while time.monotonic() < deadline:
         assert run.process.poll() is None, "the run ended before the phase was reached"
-        if marker.exists():
-            found, pid = marker.read_text().split()
-            if found == phase:
-                return int(pid)
+        found = _phase_of(markers, rank)
+        if found is not None and found[0] == phase:
+            return found[1]
         time.sleep(0.005)
     raise AssertionError(f"rank {rank} never reported {phase}")
+
+
+def _phase_of(markers: Path, rank: int) -> tuple[str, int] | None:
+    """The phase ``rank`` last reported and its pid (``None`` before any)."""
+    marker = markers / f"rank{rank}"
+    if not marker.exists():
+        return None
+    found, pid = marker.read_text().split()
+    return found, int(pid)
 
 
 INSIDE_PHASE_S = 5 * REPORT_AFTER_S
@@ -348,11 +355,17 @@ def signal_inside_phase(
     run: Launched, markers: Path, rank: int, phase: str, signum: int
 ) -> tuple[int, float]:
     """Send ``signum`` to ``rank`` :data:`INSIDE_PHASE_S` after it reports ``phase``, by which time the
-    driver has heard of the action under way; return its pid and the ``time.monotonic()`` of the signal."""
-    pid = wait_for_phase(run, markers, rank, phase)
-    time.sleep(INSIDE_PHASE_S)
-    os.kill(pid, signum)
-    return pid, time.monotonic()
+    driver has heard of the action under way; return its pid and the ``time.monotonic()`` of the signal.
+
+    On a loaded machine this process may see the phase late, or wake from its sleep late, when the phase
+    is over: then it waits for the next one, so the signal always lands inside ``phase``.
+    """
+    while True:
+        pid = wait_for_phase(run, markers, rank, phase)
+        time.sleep(INSIDE_PHASE_S)
+        if _phase_of(markers, rank) == (phase, pid):
+            os.kill(pid, signum)
+            return pid, time.monotonic()
 
 
 def run_command(args: list[str], timeout: float, cwd: str | os.PathLike | None = None, env=None) -> Finished:
