@@ -80,10 +80,11 @@ class Awaitable(Protocol):
 
 class BoundaryChannel(Protocol):
     """Carries boundary values between workers by sending them (instead of the consumer fetching them from
-    the outbox): :class:`pipetrain.transport.p2p.P2PChannel`."""
+    the outbox): :class:`pipetrain.transport.p2p.P2PChannel`, :class:`pipetrain.transport.shm.ShmChannel`."""
 
     def send(self, step_id: int, worker: int, action: Action, payload: Any) -> None:
-        """Send ``action``'s output, ``(value, produced_at)`` or the error that stopped it, to ``worker``."""
+        """Send ``action``'s output, ``(value, produced_at)`` or the error that stopped it, to ``worker``;
+        the value's tensors lie on the producing stage's device (the channel copies them out)."""
         ...
 
     def receive(self, step_id: int, worker: int, action: Action) -> Awaitable:
@@ -537,11 +538,10 @@ class WorkerRunner:
         self.stages[action.stage_idx].record_sent(
             sum(t.numel() * t.element_size() for t in boundary.tensor_leaves(output))
         )
-        payload = (boundary.to_cpu(output), time.time())
-        if self._channel is not None:
-            self._channel.send(step_id, consumer_worker, action, payload)
+        if self._channel is not None:  # it copies the value out of the stage's device itself
+            self._channel.send(step_id, consumer_worker, action, (output, time.time()))
         else:
-            self._put_out(step_id, action, payload)
+            self._put_out(step_id, action, (boundary.to_cpu(output), time.time()))
 
     def _fail_consumers(self, step_id: int, work: Work, failure: StageError) -> None:
         """Tell the consumers on other workers of the outputs that ``failure`` stopped."""

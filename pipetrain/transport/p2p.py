@@ -132,6 +132,7 @@ class P2PChannel:
             described, leaves, layout = payload, [], None
         else:
             value, produced_at = payload
+            value = boundary.to_cpu(value)  # gloo sends from host memory
             leaves = boundary.tensor_leaves(value)
             layout = tuple(_TensorSlot.of(leaf) for leaf in leaves)
             described = (boundary.map_tensors(_TensorSlot.of, value), produced_at)

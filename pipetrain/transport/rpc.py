@@ -140,7 +140,8 @@ class RpcRunner:
         elif data_plane == "shm":
             try:
                 # The driver's watchdog names a stalled producer after timeout_s; this wait is a backstop.
-                channel = ShmChannel(run_name, self.replica_idx, self.worker_idx, 2 * timeout_s)
+                device = next(iter(stages.values())).device
+                channel = ShmChannel(run_name, self.replica_idx, self.worker_idx, 2 * timeout_s, device)
             except OSError as error:
                 return StageError.wrap(error, first_stage, "opening its socket (rpc.data_plane=shm)")
         runner.connect(_fetch, channel)

@@ -101,14 +101,24 @@ class ShmChannel:
     """A worker's sends and receives of boundary values through shared memory and Unix sockets.
 
     :meth:`send` runs on the producer's compute thread; the :class:`_Incoming` that :meth:`receive` returns
-    is waited for on the consumer's compute thread (one thread reads the sockets at a time).
+    is waited for on the consumer's compute thread (one thread reads the sockets at a time). Values come in
+    on ``device``, the consumer's stages' one: on a GPU, each tensor is copied once each way, device to
+    segment and segment to device.
     """
 
-    def __init__(self, run_name: str, replica_idx: int, worker_idx: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        run_name: str,
+        replica_idx: int,
+        worker_idx: int,
+        timeout_s: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self._run_name = run_name
         self._replica_idx = replica_idx
         self._worker_idx = worker_idx
         self._timeout_s = timeout_s
+        self._device = torch.device(device)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(socket_address(run_name, replica_idx, worker_idx))
         self._listener.listen(64)
@@ -126,7 +136,7 @@ class ShmChannel:
 
     def send(self, step_id: int, worker: int, action: Action, payload: Any) -> None:
         """Give ``action``'s output to ``worker``: ``(value, produced_at)``, or the StageError that stopped
-        its producer."""
+        its producer. The value's tensors may lie on any device: each is copied straight into the segment."""
         with self._send_lock:
             new: list[tuple[int, int]] = []  # segments the consumer has not seen: (id, descriptor)
             retired: list[int] = []
@@ -250,7 +260,8 @@ class ShmChannel:
     def _copy_out(self, producer: int, leaf: _Leaf) -> torch.Tensor:
         memory = self._segments_in[(producer, leaf.segment)].bytes
         nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
-        return memory[leaf.offset : leaf.offset + nbytes].view(leaf.dtype).reshape(leaf.shape).clone()
+        placed = memory[leaf.offset : leaf.offset + nbytes].view(leaf.dtype).reshape(leaf.shape)
+        return placed.to(self._device, copy=True)
 
 
 class _Reader:
