@@ -65,15 +65,16 @@ def test_each_worker_holds_its_stages_on_its_own_gpu():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="shared memory plane: Linux")
 def test_the_shm_plane_takes_values_off_one_gpu_and_delivers_them_on_the_consumer_s():
     name = uuid.uuid4().hex[:16]
+    consumer_device = torch.device("cuda", torch.cuda.device_count() - 1)
     producer = ShmChannel(name, 0, 0, 30.0, "cuda:0")
-    consumer = ShmChannel(name, 0, 1, 30.0, f"cuda:{torch.cuda.device_count() - 1}")
+    consumer = ShmChannel(name, 0, 1, 30.0, consumer_device)
     action = Action(0, ActionKind.FORWARD, 3)
     hidden = torch.randn(6, 4, device="cuda:0").t()  # not contiguous
     mask = torch.rand(4, 6, device="cuda:0") > 0.5
     producer.send(1, 1, action, ((hidden, {"mask": mask, "half": hidden.bfloat16()}), 1.0))
     (got, extra), _ = consumer.receive(1, 0, action).wait()
     for sent, received in [(hidden, got), (mask, extra["mask"]), (hidden.bfloat16(), extra["half"])]:
-        assert received.device == consumer._device and received.dtype == sent.dtype
+        assert received.device == consumer_device and received.dtype == sent.dtype
         assert torch.equal(received.cpu(), sent.cpu())
 
 
