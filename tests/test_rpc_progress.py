@@ -8,6 +8,9 @@ travel through a real store (:mod:`pipetrain.transport.progress_store`), and whi
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -93,6 +96,45 @@ def test_counts_written_to_the_store_complete_the_actions_they_count(run_store):
     time.sleep(0.1)
     assert [future.done() for future in done] == [True, True, False, False]
     board.close()
+
+
+def _serve_store(port_out) -> None:
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port_out.put(server.port)
+    time.sleep(120)
+
+
+def test_the_count_of_a_step_s_last_action_returns_only_once_the_store_holds_it(monkeypatch):
+    """A write alone returns as soon as it is on the socket; the worker's optimizer steps, and its death in
+    them, could then come before the store has the count that says every action is done."""
+    context = multiprocessing.get_context("spawn")
+    port_out = context.Queue()
+    server = context.Process(target=_serve_store, args=(port_out,), daemon=True)
+    server.start()
+    try:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port_out.get(timeout=30)))
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+        worker_side, driver_side = connect_progress_store(), connect_progress_store()
+        progress = StoreProgress(worker_side, (0, 0), step_id=1, total=3)
+        progress.advance(2)  # not the last: written, not waited for
+        os.kill(server.pid, signal.SIGSTOP)  # the store answers nothing for now
+        try:
+            started = time.monotonic()
+            progress.advance(2)
+            assert time.monotonic() - started < 0.2
+            last = threading.Thread(target=progress.advance, args=(3,), daemon=True)
+            last.start()
+            last.join(0.5)
+            assert last.is_alive(), "the last count returned before the store had it"
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        last.join(10)
+        assert not last.is_alive()
+        assert driver_side.get("0/0") == b"1 3"
+    finally:
+        server.kill()
+        server.join(10)
 
 
 def test_a_dead_workers_last_count_names_its_action_after_it_is_gone(run_store):

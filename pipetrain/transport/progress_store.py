@@ -64,17 +64,22 @@ def _key(worker: Worker) -> str:
 
 
 class StoreProgress:
-    """A worker's progress in one step: ``advance(n)`` says the first ``n`` actions are done."""
+    """A worker's progress in one step of ``total`` actions: ``advance(n)`` says the first ``n`` are done."""
 
-    def __init__(self, store: dist.Store, worker: Worker, step_id: int) -> None:
+    def __init__(self, store: dist.Store, worker: Worker, step_id: int, total: int | None = None) -> None:
         self._store = store
         self._key = _key(worker)
         self._step_id = step_id
+        self._total = total
 
     def advance(self, done: int) -> None:
-        """``done`` actions of the step are done."""
+        """``done`` actions of the step are done. The count of the last one returns only once the store
+        holds it: the optimizer steps follow, and a worker that dies in them must not be named by a count
+        still on its way to the store when the driver reads it."""
         try:
             self._store.set(self._key, f"{self._step_id} {done}")
+            if self._total is not None and done >= self._total:
+                self._store.check([self._key])  # answered after the write before it on this connection
         except Exception:  # the store is gone, so is the run: the driver hears of it over RPC
             return
 

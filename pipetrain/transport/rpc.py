@@ -160,7 +160,9 @@ class RpcRunner:
         """Run the step's actions (text form), profiled with ``profile``, as an evaluation pass with
         ``evaluate``; writes its progress to the run's store."""
         runner = self._started()
-        progress = StoreProgress(self._progress_store, (self.replica_idx, self.worker_idx), step_id)
+        progress = StoreProgress(
+            self._progress_store, (self.replica_idx, self.worker_idx), step_id, total=len(work)
+        )
         try:
             parsed = [(Action.parse(text), value, target) for text, value, target in work]
             return runner.run_actions(step_id, parsed, progress.advance, profile, evaluate)
