@@ -116,9 +116,9 @@ class RpcRunner:
         except Exception as error:
             return StageError.wrap(error, first_stage, "building its stages")
         try:
+            device = next(iter(stages.values())).device  # every stage of a worker sits on its device
             sync = None
             if len(replica_ranks) > 1:
-                device = next(iter(stages.values())).device
                 sync = ProcessGroupGradientSync(replica_ranks, timeout_s, device)
             runner = WorkerRunner(self.worker_idx, stages, schedule, sync)
         except Exception as error:
@@ -140,7 +140,6 @@ class RpcRunner:
         elif data_plane == "shm":
             try:
                 # The driver's watchdog names a stalled producer after timeout_s; this wait is a backstop.
-                device = next(iter(stages.values())).device
                 channel = ShmChannel(run_name, self.replica_idx, self.worker_idx, 2 * timeout_s, device)
             except OSError as error:
                 return StageError.wrap(error, first_stage, "opening its socket (rpc.data_plane=shm)")
