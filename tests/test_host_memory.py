@@ -20,9 +20,14 @@ import torch
 from pipetrain.host_memory import resident_bytes
 
 FAULTS_PER_STEP = """
-import json, resource, sys, torch
+import ctypes, json, resource, sys, torch
 from pipetrain.host_memory import keep_freed_memory
-kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+if sys.argv[1] == "keep":
+    kept = keep_freed_memory()
+else:  # a fixed threshold turns glibc's sliding one off: every block of 128 KiB or more goes back
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    kept = not (mallopt(-3, 128 * 1024) and mallopt(-1, 128 * 1024))
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024))
 optimizer = torch.optim.AdamW(model.parameters())
@@ -55,12 +60,14 @@ def _faults_per_step(mode: str) -> tuple[bool | None, list[int]]:
 @pytest.mark.timeout(240)
 def test_a_training_loop_stops_faulting_pages_in_once_its_memory_is_kept():
     kept, faults_kept = _faults_per_step("keep")
-    _, faults_default = _faults_per_step("default")
-    assert kept is True
+    given_back, faults_given_back = _faults_per_step("give-back")
+    assert kept is True and given_back is False
     weight_pages = 1024 * 1024 * 4 // 4096
     assert statistics.median(faults_kept) < 0.1 * weight_pages, faults_kept
-    # glibc's default gives large blocks back (or maps them anew), and the count sees it
-    assert sum(faults_default) > 4 * sum(faults_kept), (faults_default, faults_kept)
+    # The same loop with every large block given back faults each weight gradient's pages in every step,
+    # and the count sees it. (glibc's own default slides its threshold up as blocks are freed, so how much
+    # it gives back depends on the machine's history: not a fixed point to compare with.)
+    assert statistics.median(faults_given_back) > weight_pages, faults_given_back
 
 
 def test_resident_bytes_counts_memory_the_process_touches():
