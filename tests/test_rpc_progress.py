@@ -44,6 +44,32 @@ def test_a_report_completes_the_actions_it_counts_and_a_stale_one_changes_nothin
     assert all(future.done() and future.value() is None for future in done)
 
 
+def test_a_count_that_returns_has_completed_what_it_counts_whichever_thread_completes_it():
+    """Two replies of a dead worker read its final count on two threads. The driver names the first of
+    the worker's actions not complete once the second has passed its error on, so the count must have
+    completed every action it counts by then, even while the first thread is still completing them."""
+    done = _futures(2)
+    tracker = ProgressTracker(step_id=1, done=done)
+    completing, release = threading.Event(), threading.Event()
+
+    def _slow_callback(_: torch.futures.Future) -> None:  # the first thread, preempted mid-way
+        completing.set()
+        release.wait(10)
+
+    done[0].add_done_callback(_slow_callback)
+    first = threading.Thread(target=tracker.advance, args=(2,), daemon=True)
+    first.start()
+    assert completing.wait(10)
+    seen: list[bool] = []
+    second = threading.Thread(target=lambda: (tracker.advance(2), seen.append(done[1].done())), daemon=True)
+    second.start()
+    second.join(0.2)
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert seen == [True]
+
+
 def test_a_failed_step_fails_the_actions_not_reported_done_with_its_error():
     done = _futures(4)
     tracker = ProgressTracker(step_id=1, done=done)

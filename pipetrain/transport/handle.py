@@ -74,13 +74,19 @@ class WorkerHandle(Protocol):
 
 
 class ProgressTracker:
-    """The driver's side of one worker's step: completes the ``done`` futures of its actions in order."""
+    """The driver's side of one worker's step: completes the ``done`` futures of its actions in order.
+
+    When :meth:`advance` returns, every future it counts is complete, on whichever thread completed it: a
+    dead worker's replies read its last count on several threads at once, and the driver names the first
+    action whose future is not complete once one of them passes its error on.
+    """
 
     def __init__(self, step_id: int, done: Sequence[torch.futures.Future]) -> None:
         self.step_id = step_id
         self._done = list(done)
         self._completed = 0
-        self._lock = threading.Lock()
+        # Held while the futures are completed (their callbacks only record the outcome).
+        self._lock = threading.RLock()
 
     def advance(self, count: int, error: BaseException | None = None) -> None:
         """The first ``count`` actions are done; with ``error``, the rest failed with it."""
@@ -90,10 +96,10 @@ class ProgressTracker:
             failed_now = self._done[self._completed :] if error is not None else []
             if error is not None:
                 self._completed = len(self._done)
-        for future in newly_done:
-            future.set_result(None)
-        for future in failed_now:
-            future.set_exception(error)
+            for future in newly_done:
+                future.set_result(None)
+            for future in failed_now:
+                future.set_exception(error)
 
     def finish(self, reply: torch.futures.Future) -> None:
         """The worker answered: every action is done, or whatever is not failed with the reply's error."""
